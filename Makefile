@@ -1,0 +1,33 @@
+# Two entry points a fresh machine needs (see README): `make demo` and `make test`.
+# Both create .venv with Python 3.12 (pyenv reads .python-version) and install
+# qtrain with the jax pin from constraints.txt the first time.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 12), f"qtrain needs Python >= 3.12, {sys.executable} is {sys.version.split()[0]} (pyenv: see .python-version)"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qtrain demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -m 'not slow' tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -n 2 tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_step_cost.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,46 @@
+"""qtrain: 4- and 8-bit fully quantized training for JAX and Flax.
+
+Pure functions quantize and dequantize tensors (`quantize`, `dequantize`,
+`fake_quant`, `qtrain.numerics`); `dot_general` and `conv_general_dilated`
+keep `jax.lax`'s signatures and run the forward and both backward GEMMs on
+low-bit operands, each configured separately by a `DotConfig`.
+"""
+
+from qtrain import formats as formats
+from qtrain import numerics as numerics
+from qtrain import presets as presets
+from qtrain import prng as prng
+from qtrain import rounding as rounding
+from qtrain import scaling as scaling
+from qtrain.config import REUSE as REUSE
+from qtrain.config import DotConfig as DotConfig
+from qtrain.config import MatmulConfig as MatmulConfig
+from qtrain.config import TensorConfig as TensorConfig
+from qtrain.dot import conv_general_dilated as conv_general_dilated
+from qtrain.dot import dot_general as dot_general
+from qtrain.formats import Format as Format
+from qtrain.qarray import QArray as QArray
+from qtrain.qarray import pack_int4 as pack_int4
+from qtrain.qarray import unpack_int4 as unpack_int4
+from qtrain.quantize import dequantize as dequantize
+from qtrain.quantize import fake_quant as fake_quant
+from qtrain.quantize import quantize as quantize
+from qtrain.scaling import AbsMax as AbsMax
+from qtrain.scaling import FixedScale as FixedScale
+from qtrain.scaling import Lsq as Lsq
+from qtrain.scaling import MinMax as MinMax
+from qtrain.scaling import PerBlock as PerBlock
+from qtrain.scaling import PerChannel as PerChannel
+from qtrain.scaling import PerTensor as PerTensor
+from qtrain.scaling import Sawb as Sawb
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'formats', 'numerics', 'presets', 'prng', 'rounding', 'scaling',
+    'REUSE', 'DotConfig', 'MatmulConfig', 'TensorConfig', 'Format', 'QArray',
+    'quantize', 'dequantize', 'fake_quant', 'dot_general', 'conv_general_dilated',
+    'pack_int4', 'unpack_int4',
+    'AbsMax', 'MinMax', 'Sawb', 'FixedScale', 'Lsq', 'PerTensor', 'PerChannel', 'PerBlock',
+    '__version__',
+]

@@ -1,0 +1,287 @@
+"""Scales: how a tensor is mapped onto a format's grid.
+
+Two independent choices, both frozen data:
+
+* a *granularity* says which elements share one scale:
+  `PerTensor()`, `PerChannel(axes)` (one scale per index of `axes`, any axes;
+  per row/sample is `PerChannel(axes=(0,))`), `PerBlock(axis, block_size)`
+  (one scale per contiguous block along `axis`, per index of the other axes);
+* a *calibration* says how the scale is computed from the elements of a group:
+  `AbsMax` (symmetric, optional power-of-two), `MinMax` (asymmetric with zero
+  point), `Sawb` (statistics-aware weight binning), `FixedScale` (a constant,
+  e.g. a fixed-point step), `Lsq` (a learned step passed in by the caller).
+
+Scales have the input's rank (size 1 on the reduced axes; `n_blocks` on a block
+axis) so they broadcast against the input, or against it after
+`expand_scale` for blocks.
+
+Zero-guard and NaN policy: a group whose statistic is exactly 0 (all-zero
+tensor) gets scale 1, so it quantizes to zeros, never NaN; a group whose
+statistic is NaN or ±Inf keeps that non-finite scale, so the group
+dequantizes to NaN and the problem stays visible.
+
+References:
+  Choi et al., "Bridging the Accuracy Gap for 2-bit Quantized Neural
+  Networks (QNN)", arXiv:1807.06964 (SAWB).
+  Esser et al., "Learned Step Size Quantization", ICLR 2020 (LSQ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+from qtrain import formats as fmts
+
+__all__ = [
+    'PerTensor', 'PerChannel', 'PerBlock', 'Granularity', 'AbsMax', 'MinMax', 'Sawb',
+    'FixedScale', 'Lsq', 'Calibration', 'group_reduce', 'expand_scale', 'compute_scale',
+    'lsq_fake_quant', 'SAWB_COEFFICIENTS',
+]
+
+_dataclass = dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+
+
+@_dataclass
+class PerTensor:
+  """One scale for the whole tensor."""
+
+
+@_dataclass
+class PerChannel:
+  """One scale per index of `axes` (statistics reduced over all other axes).
+
+  Attributes:
+    axes: the axes that keep their own scale, e.g. (0,) = per row/sample,
+      (-1,) = per output channel of an HWIO kernel. `None` is only meaningful
+      inside `qtrain.dot_general`/`conv_general_dilated`, where it means "every
+      non-contracting axis" (the granularity whose scale factors out of the
+      GEMM exactly).
+  """
+  axes: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.axes is not None:
+      if isinstance(self.axes, int):
+        object.__setattr__(self, 'axes', (self.axes,))
+      if not all(isinstance(a, int) for a in self.axes):
+        raise TypeError(f'axes must be a tuple of ints or None, got {self.axes!r}.')
+
+
+@_dataclass
+class PerBlock:
+  """One scale per block of `block_size` consecutive elements along `axis`."""
+  block_size: int
+  axis: int = -1
+
+  def __post_init__(self):
+    if not isinstance(self.block_size, int) or self.block_size <= 0:
+      raise ValueError(f'block_size={self.block_size!r} must be a positive int.')
+
+
+Granularity = Union[PerTensor, PerChannel, PerBlock]
+
+
+@_dataclass
+class AbsMax:
+  """scale = max|x| / fmt.absmax_target; optionally rounded up to a power of two.
+
+  With `power_of_two=True` the scale is 2^ceil(log2(max|x| / target)), so
+  max|x|/scale lies in (target/2, target]: the steady state of Sun et al.'s
+  per-layer GradScale rule.
+  """
+  power_of_two: bool = False
+
+
+@_dataclass
+class MinMax:
+  """Asymmetric range [min(x, 0), max(x, 0)] mapped onto [qmin, qmax] with a zero point."""
+
+
+# Coefficients (c1, c2) of the SAWB clip c1·sqrt(E[x²]) - c2·E|x| by bit width.
+# 4: the values of the LUQ reference code (papers-1-4.md §1a). Other widths
+# need explicit coefficients.
+SAWB_COEFFICIENTS = {4: (12.1, 12.2)}
+
+
+@_dataclass
+class Sawb:
+  """Statistics-aware weight binning: clip = c1·sqrt(mean(x²)) - c2·mean|x|.
+
+  scale = clip / fmt.max_value (the largest magnitude, 8 for int4, as in the
+  LUQ code where s = 2·clip/(Qp - Qn) with Qn = -8, Qp = 8). A clip <= 0
+  (near-constant magnitudes, e.g. ±c gives -0.1c) falls back to max|x|, as
+  IBM's reference SAWB does; the LUQ code has no such guard.
+
+  Attributes:
+    c1, c2: regression coefficients; None takes `SAWB_COEFFICIENTS[bits]`.
+  """
+  c1: float | None = None
+  c2: float | None = None
+
+  def coefficients(self, bits: int) -> tuple[float, float]:
+    if self.c1 is not None and self.c2 is not None:
+      return self.c1, self.c2
+    if bits not in SAWB_COEFFICIENTS:
+      raise ValueError(f'SAWB has no default coefficients for bits={bits}; pass c1 and c2 '
+                       f'(defaults exist for bits in {sorted(SAWB_COEFFICIENTS)}).')
+    return SAWB_COEFFICIENTS[bits]
+
+
+@_dataclass
+class FixedScale:
+  """A constant scale (e.g. 2^-7 for 8-bit fixed point)."""
+  value: float
+
+  def __post_init__(self):
+    if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
+      raise ValueError(f'value={self.value!r} must be a positive finite number.')
+
+
+@_dataclass
+class Lsq:
+  """Learned step size: the caller passes the step (a parameter) as `scale=`."""
+
+
+Calibration = Union[AbsMax, MinMax, Sawb, FixedScale, Lsq]
+
+
+def _normalize_axes(axes, ndim: int, name: str = 'axes') -> tuple[int, ...]:
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f'{name}={axes} is out of range for an array of rank {ndim}.')
+    out.append(a % ndim)
+  return tuple(sorted(set(out)))
+
+
+def _block_view(x: jax.Array, g: PerBlock) -> tuple[jax.Array, int]:
+  axis = _normalize_axes((g.axis,), x.ndim, 'axis')[0]
+  n = x.shape[axis]
+  if n % g.block_size:
+    raise ValueError(f'block_size={g.block_size} must divide the size {n} of axis {axis}.')
+  shape = x.shape[:axis] + (n // g.block_size, g.block_size) + x.shape[axis + 1:]
+  return x.reshape(shape), axis
+
+
+def group_reduce(x: jax.Array, fn, granularity: Granularity) -> jax.Array:
+  """Applies a reduction `fn(x, axis=..., keepdims=True)` within each scale group.
+
+  Returns:
+    Array of x's rank: size 1 on reduced axes, n_blocks on a block axis.
+  """
+  if isinstance(granularity, PerTensor):
+    return fn(x, axis=tuple(range(x.ndim)), keepdims=True)
+  if isinstance(granularity, PerChannel):
+    if granularity.axes is None:
+      raise ValueError('PerChannel(axes=None) is only defined inside a dot/conv; '
+                       'outside, name the axes that keep their own scale.')
+    keep = _normalize_axes(granularity.axes, x.ndim)
+    return fn(x, axis=tuple(a for a in range(x.ndim) if a not in keep), keepdims=True)
+  if isinstance(granularity, PerBlock):
+    xb, axis = _block_view(x, granularity)
+    return jnp.squeeze(fn(xb, axis=axis + 1, keepdims=True), axis + 1)
+  raise TypeError(f'granularity must be PerTensor, PerChannel or PerBlock, got {granularity!r}.')
+
+
+def expand_scale(scale: jax.Array, shape: tuple[int, ...], granularity: Granularity) -> jax.Array:
+  """Broadcasts a group-shaped scale to `shape` (repeats blocks)."""
+  if isinstance(granularity, PerBlock):
+    axis = _normalize_axes((granularity.axis,), len(shape), 'axis')[0]
+    scale = jnp.repeat(scale, granularity.block_size, axis=axis)
+  return jnp.broadcast_to(scale, shape)
+
+
+def _guard_zero(stat: jax.Array) -> jax.Array:
+  # `stat == 0` (not `stat > 0`), so NaN statistics stay NaN (policy above).
+  return jnp.where(stat == 0, jnp.ones_like(stat), stat)
+
+
+def _mean(x, axis, keepdims):
+  return jnp.mean(x, axis=axis, keepdims=keepdims)
+
+
+def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,
+                  granularity: Granularity = PerTensor()) -> tuple[jax.Array, jax.Array | None]:
+  """Computes (scale, zero_point) of `x` for `fmt`.
+
+  Args:
+    x: float array.
+    fmt: target format.
+    calibration: AbsMax, MinMax, Sawb or FixedScale (Lsq scales come from the
+      caller).
+    granularity: which elements share a scale.
+
+  Returns:
+    (scale, zero_point): float32 arrays of the group shape; zero_point is None
+    except for MinMax, where it is an integer-valued float32 array.
+  """
+  x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
+  if isinstance(fmt, fmts.FixedPointFormat) and not isinstance(calibration, FixedScale):
+    raise ValueError(f'{fmt.name} has a fixed scale (step {fmt.step}); use '
+                     f'FixedScale({fmt.step}) or the default calibration of quantize.')
+  if isinstance(calibration, AbsMax):
+    amax = group_reduce(jnp.abs(x32), jnp.max, granularity)
+    scale = _guard_zero(amax) / fmt.absmax_target
+    if calibration.power_of_two:
+      scale = jnp.where(jnp.isfinite(scale), jnp.exp2(jnp.ceil(jnp.log2(scale))), scale)
+    return scale, None
+  if isinstance(calibration, Sawb):
+    c1, c2 = calibration.coefficients(fmt.bits)
+    rms = jnp.sqrt(group_reduce(x32 * x32, _mean, granularity))
+    mabs = group_reduce(jnp.abs(x32), _mean, granularity)
+    clip = c1 * rms - c2 * mabs
+    amax = group_reduce(jnp.abs(x32), jnp.max, granularity)
+    clip = jnp.where(clip > 0, clip, amax)  # IBM's guard; NaN clip -> amax (NaN too)
+    return _guard_zero(clip) / fmt.max_value, None
+  if isinstance(calibration, MinMax):
+    if not isinstance(fmt, fmts.IntFormat):
+      raise ValueError(f'MinMax calibration needs an IntFormat, got {fmt.name}.')
+    lo = jnp.minimum(group_reduce(x32, jnp.min, granularity), 0.0)
+    hi = jnp.maximum(group_reduce(x32, jnp.max, granularity), 0.0)
+    scale = _guard_zero(hi - lo) / (fmt.qmax - fmt.qmin)
+    zero_point = jnp.clip(fmt.qmin - jnp.round(lo / scale), fmt.qmin, fmt.qmax)
+    return scale, zero_point
+  if isinstance(calibration, FixedScale):
+    stat = group_reduce(x32, jnp.sum, granularity)
+    scale = jnp.full(stat.shape, calibration.value, jnp.float32)
+    # A fixed scale still reports non-finite groups (NaN policy).
+    return jnp.where(jnp.isfinite(stat), scale, jnp.nan), None
+  if isinstance(calibration, Lsq):
+    raise ValueError('Lsq calibration needs the learned step: pass scale=... to quantize.')
+  raise TypeError(f'calibration must be AbsMax, MinMax, Sawb, FixedScale or Lsq, '
+                  f'got {calibration!r}.')
+
+
+def lsq_fake_quant(x: jax.Array, step: jax.Array, fmt: fmts.IntFormat,
+                   grad_scale: float | None = None) -> jax.Array:
+  """LSQ fake quantization with the step-size gradient of Esser et al.
+
+  Forward: clip(round(x/step), qmin, qmax) · step. Backward: x gets the
+  clipped straight-through gradient (1 inside [qmin·s, qmax·s], else 0); the
+  step gets, per element, round(x/s) - x/s inside the range and qmin or qmax
+  outside, multiplied by grad_scale = 1/sqrt(numel(x)·qmax) (the paper's
+  default) and summed over the elements sharing the step.
+
+  Args:
+    x: float array.
+    step: positive float array broadcastable to x (per-tensor: shape ()).
+    fmt: integer format giving qmin/qmax.
+    grad_scale: multiplier of the step gradient; default 1/sqrt(x.size·qmax).
+
+  Returns:
+    Fake-quantized array of x's shape and dtype.
+  """
+  if not isinstance(fmt, fmts.IntFormat):
+    raise TypeError(f'LSQ needs an IntFormat, got {fmt!r}.')
+  if grad_scale is None:
+    grad_scale = 1.0 / math.sqrt(max(x.size, 1) * fmt.qmax)
+  # Gradient scaling trick: value of `step`, gradient scaled by grad_scale.
+  s = step * grad_scale + jax.lax.stop_gradient(step - step * grad_scale)
+  v = jnp.clip(x / s, fmt.qmin, fmt.qmax)
+  v = v + jax.lax.stop_gradient(jnp.round(v) - v)
+  return (v * s).astype(x.dtype)
