@@ -8,6 +8,7 @@ low-bit operands, each configured separately by a `DotConfig`.
 
 from qtrain import formats as formats
 from qtrain import numerics as numerics
+from qtrain import nnx_hooks as nnx_hooks
 from qtrain import presets as presets
 from qtrain import prng as prng
 from qtrain import rounding as rounding
@@ -37,7 +38,7 @@ from qtrain.scaling import Sawb as Sawb
 __version__ = '0.1.0'
 
 __all__ = [
-    'formats', 'numerics', 'presets', 'prng', 'rounding', 'scaling',
+    'formats', 'nnx_hooks', 'numerics', 'presets', 'prng', 'rounding', 'scaling',
     'REUSE', 'DotConfig', 'MatmulConfig', 'TensorConfig', 'Format', 'QArray',
     'quantize', 'dequantize', 'fake_quant', 'dot_general', 'conv_general_dilated',
     'pack_int4', 'unpack_int4',

@@ -187,6 +187,7 @@ class ConvOp:
   batch_group_count: int
   lhs_shape: tuple[int, ...]
   rhs_shape: tuple[int, ...]
+  int_carrier: str = 'native'  # or 'float32': integer codes carried as exact float32
 
   @property
   def lhs_ndim(self) -> int:

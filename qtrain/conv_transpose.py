@@ -46,12 +46,13 @@ of the dW convolution. Batch groups are the mirror image of that.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 __all__ = ["conv_transpose_lhs", "conv_transpose_rhs", "resolve_padding"]
@@ -156,7 +157,10 @@ def conv_transpose_lhs(
       its second entry to ``rhs``.
     preferred_element_type: accumulation and result dtype, or None for the
       operands' dtype.
-    out_sharding: forwarded to ``lax.conv_general_dilated``.
+    out_sharding: forwarded to ``lax.conv_general_dilated``. With
+      ``batch_group_count > 1`` it applies to that convolution's output, whose
+      batch axis is ``batch_group_count`` times smaller and feature axis that
+      much larger than in ``lhs_shape``, before the batch is regrouped.
 
   Returns:
     dX with shape ``lhs_shape`` and dtype ``preferred_element_type`` (or the
@@ -168,11 +172,10 @@ def conv_transpose_lhs(
   lhs_shape = tuple(int(s) for s in lhs_shape)
   lhs_spec, rhs_spec, out_spec = _check_dimension_numbers(dimension_numbers)
   _check_groups(feature_group_count, batch_group_count)
-  geometry = _Geometry.create(
-      lhs_shape, rhs.shape, g.shape, dimension_numbers, window_strides, padding,
-      lhs_dilation, rhs_dilation, feature_group_count, batch_group_count)
+  geometry = _geometry(lhs_shape, rhs.shape, g.shape, dimension_numbers, window_strides,
+                       padding, lhs_dilation, rhs_dilation, batch_group_count)
 
-  if g.size == 0 or rhs.size == 0 or np.prod(lhs_shape) == 0:
+  if g.size == 0 or rhs.size == 0 or math.prod(lhs_shape) == 0:
     # Nothing reaches the input; avoid degenerate (empty) convolutions.
     return jnp.zeros(
         lhs_shape, _result_dtype(g, rhs, preferred_element_type), out_sharding=out_sharding)
@@ -273,13 +276,12 @@ def conv_transpose_rhs(
   rhs_shape = tuple(int(s) for s in rhs_shape)
   lhs_spec, rhs_spec, out_spec = _check_dimension_numbers(dimension_numbers)
   _check_groups(feature_group_count, batch_group_count)
-  geometry = _Geometry.create(
-      lhs.shape, rhs_shape, g.shape, dimension_numbers, window_strides, padding,
-      lhs_dilation, rhs_dilation, feature_group_count, batch_group_count)
+  geometry = _geometry(lhs.shape, rhs_shape, g.shape, dimension_numbers, window_strides,
+                       padding, lhs_dilation, rhs_dilation, batch_group_count)
 
-  if g.size == 0 or lhs.size == 0 or np.prod(rhs_shape) == 0:
-    # An empty cotangent or input contributes nothing, and the dW convolution
-    # would have an empty kernel, which XLA does not accept.
+  if g.size == 0 or lhs.size == 0 or math.prod(rhs_shape) == 0:
+    # An empty cotangent or input contributes nothing; skipping the
+    # convolution also avoids a degenerate one with an empty kernel.
     return jnp.zeros(
         rhs_shape, _result_dtype(lhs, g, preferred_element_type), out_sharding=out_sharding)
 
@@ -323,69 +325,90 @@ def conv_transpose_rhs(
   return out
 
 
+@dataclasses.dataclass(frozen=True)
 class _Geometry:
-  """Validated per-spatial-dimension sizes of the forward convolution."""
+  """Per-spatial-dimension sizes of a validated forward convolution.
 
-  def __init__(self, **kwargs: Any):
-    self.__dict__.update(kwargs)
+  Attributes:
+    window_strides: forward strides ``s``.
+    lhs_dilation: forward input dilations ``a``.
+    rhs_dilation: forward kernel dilations ``d``.
+    padding: forward ``(lo, hi)`` pairs.
+    in_size: undilated input sizes ``n``.
+    kernel_extent: dilated kernel sizes ``k_d``.
+    out_extent: output sizes dilated by the stride, ``m_s``.
+  """
 
-  @classmethod
-  def create(
-      cls,
-      lhs_shape: Sequence[int],
-      rhs_shape: Sequence[int],
-      out_shape: Sequence[int],
-      dn: lax.ConvDimensionNumbers,
-      window_strides: Sequence[int],
-      padding: Padding,
-      lhs_dilation: Sequence[int],
-      rhs_dilation: Sequence[int],
-      feature_group_count: int,
-      batch_group_count: int,
-  ) -> _Geometry:
-    """Checks that ``out_shape`` is the forward output shape and keeps sizes.
+  window_strides: tuple[int, ...]
+  lhs_dilation: tuple[int, ...]
+  rhs_dilation: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  in_size: tuple[int, ...]
+  kernel_extent: tuple[int, ...]
+  out_extent: tuple[int, ...]
 
-    The padding formulas silently produce a result of the requested shape even
-    for an inconsistent cotangent, so a wrong call would otherwise go unseen.
-    """
-    lhs_spec, rhs_spec, out_spec = dn
-    num_spatial = len(lhs_shape) - 2
-    if not len(rhs_shape) == len(out_shape) == len(lhs_shape):
-      raise ValueError(
-          f"Rank mismatch: lhs {tuple(lhs_shape)}, rhs {tuple(rhs_shape)}, "
-          f"cotangent {tuple(out_shape)}.")
-    params = dict(window_strides=window_strides, padding=padding,
-                  lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation)
-    for name, value in params.items():
-      if len(value) != num_spatial:
-        raise ValueError(f"{name} needs {num_spatial} entries, got {value!r}.")
-    strides = tuple(int(s) for s in window_strides)
-    lhs_dil = tuple(int(f) for f in lhs_dilation)
-    rhs_dil = tuple(int(f) for f in rhs_dilation)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  @property
+  def num_spatial(self) -> int:
+    return len(self.in_size)
 
-    in_size = tuple(lhs_shape[i] for i in lhs_spec[2:])
-    kernel_size = tuple(rhs_shape[i] for i in rhs_spec[2:])
-    kernel_extent = tuple(_dilated(k, d) for k, d in zip(kernel_size, rhs_dil))
-    expected = [0] * len(out_shape)
-    batch = lhs_shape[lhs_spec[0]]
-    if batch % batch_group_count:
-      raise ValueError(f"Batch size {batch} is not divisible by batch_group_count "
-                       f"{batch_group_count}.")
-    expected[out_spec[0]] = batch // batch_group_count
-    expected[out_spec[1]] = rhs_shape[rhs_spec[0]]
-    for i, o in enumerate(out_spec[2:]):
-      span = _dilated(in_size[i], lhs_dil[i]) + pads[i][0] + pads[i][1] - kernel_extent[i]
-      expected[o] = max(0, span // strides[i] + 1)
-    if tuple(out_shape) != tuple(expected):
-      raise ValueError(
-          f"Cotangent shape {tuple(out_shape)} does not match the forward "
-          f"output shape {tuple(expected)} of lhs {tuple(lhs_shape)}, rhs "
-          f"{tuple(rhs_shape)} with {params}.")
-    out_extent = tuple(_dilated(out_shape[o], s) for o, s in zip(out_spec[2:], strides))
-    return cls(num_spatial=num_spatial, window_strides=strides, lhs_dilation=lhs_dil,
-               rhs_dilation=rhs_dil, padding=pads, in_size=in_size,
-               kernel_extent=kernel_extent, out_extent=out_extent)
+
+def _geometry(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    out_shape: Sequence[int],
+    dn: lax.ConvDimensionNumbers,
+    window_strides: Sequence[int],
+    padding: Padding,
+    lhs_dilation: Sequence[int],
+    rhs_dilation: Sequence[int],
+    batch_group_count: int,
+) -> _Geometry:
+  """Checks that ``out_shape`` is the forward output shape; returns the sizes.
+
+  The padding formulas produce a result of the requested shape even for an
+  inconsistent cotangent, so without this check a wrong call would silently
+  compute garbage.
+
+  Raises:
+    ValueError: on mismatched ranks, parameter lengths or cotangent shape.
+  """
+  lhs_spec, rhs_spec, out_spec = dn
+  num_spatial = len(lhs_shape) - 2
+  if not len(rhs_shape) == len(out_shape) == len(lhs_shape):
+    raise ValueError(
+        f"Rank mismatch: lhs {tuple(lhs_shape)}, rhs {tuple(rhs_shape)}, "
+        f"cotangent {tuple(out_shape)}.")
+  params = dict(window_strides=window_strides, padding=padding,
+                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation)
+  for name, value in params.items():
+    if len(value) != num_spatial:
+      raise ValueError(f"{name} needs {num_spatial} entries, got {value!r}.")
+  strides = tuple(int(s) for s in window_strides)
+  lhs_dil = tuple(int(f) for f in lhs_dilation)
+  rhs_dil = tuple(int(f) for f in rhs_dilation)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+
+  in_size = tuple(lhs_shape[i] for i in lhs_spec[2:])
+  kernel_extent = tuple(_dilated(rhs_shape[i], f) for i, f in zip(rhs_spec[2:], rhs_dil))
+  batch = lhs_shape[lhs_spec[0]]
+  if batch % batch_group_count:
+    raise ValueError(
+        f"Batch size {batch} is not divisible by batch_group_count {batch_group_count}.")
+  expected = [0] * len(out_shape)
+  expected[out_spec[0]] = batch // batch_group_count
+  expected[out_spec[1]] = rhs_shape[rhs_spec[0]]
+  for i, o in enumerate(out_spec[2:]):
+    span = _dilated(in_size[i], lhs_dil[i]) + pads[i][0] + pads[i][1] - kernel_extent[i]
+    expected[o] = max(0, span // strides[i] + 1)
+  if tuple(out_shape) != tuple(expected):
+    raise ValueError(
+        f"Cotangent shape {tuple(out_shape)} does not match the forward output "
+        f"shape {tuple(expected)} of lhs {tuple(lhs_shape)} and rhs "
+        f"{tuple(rhs_shape)} with {params}.")
+  out_extent = tuple(_dilated(out_shape[o], s) for o, s in zip(out_spec[2:], strides))
+  return _Geometry(window_strides=strides, lhs_dilation=lhs_dil, rhs_dilation=rhs_dil,
+                   padding=pads, in_size=in_size, kernel_extent=kernel_extent,
+                   out_extent=out_extent)
 
 
 def _dilated(size: int, factor: int) -> int:

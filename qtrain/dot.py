@@ -117,9 +117,15 @@ def _quantize_samples(x, rule, key, slot: str, kept, where: str) -> list[QArray]
   return [quantize(x, one, key=jax.random.fold_in(k, i)) for i in range(rule.samples)]
 
 
-def _codes_product(run, a: QArray, b: QArray) -> jax.Array:
+def _codes_product(run, a: QArray, b: QArray, op) -> jax.Array:
   da, db, acc = gemm_dtypes(a.format, b.format, a.zero_point is not None,
                             b.zero_point is not None)
+  if acc == jnp.int32 and getattr(op, 'int_carrier', 'native') == 'float32':
+    da = db = acc = jnp.float32
+  if isinstance(op, ConvOp) and da != db:
+    # lax.conv_general_dilated rejects mixed fp8 operands (dot_general accepts
+    # them); bfloat16 holds every e4m3 and e5m2 value exactly.
+    da = db = jnp.bfloat16
   return run(_gemm_operand(a, da), _gemm_operand(b, db), acc).astype(jnp.float32)
 
 
@@ -146,7 +152,7 @@ def _forward(lhs, rhs, key, op, cfg: cfgs.DotConfig, opts: _Options):
       for b in (rq or [rhs]):
         if isinstance(a, QArray) and isinstance(b, QArray):
           run = functools.partial(_run_forward, op, None, opts.out_sharding)
-          y = _codes_product(run, a, b)
+          y = _codes_product(run, a, b, op)
           y = y * _out_scale(op, a, 'lhs') * _out_scale(op, b, 'rhs')
         else:
           run = functools.partial(_run_forward, op, opts.precision, opts.out_sharding)
@@ -206,7 +212,7 @@ def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out
   acc = None
   for gq in grads:
     if isinstance(gq, QArray) and isinstance(residual, QArray):
-      d = _codes_product(run_codes, gq, residual)
+      d = _codes_product(run_codes, gq, residual, op)
       d = d * move_scale(gq.scale, op.grad_kept(gemm), op.grad_dst(gemm), out_ndim)
       if residual_scale is not None:
         d = d * residual_scale.reshape(())
@@ -315,7 +321,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None, *,
                          config: cfgs.DotConfig | None = None, key: jax.Array | None = None,
-                         out_sharding=None) -> jax.Array:
+                         out_sharding=None, int_carrier: str = 'auto') -> jax.Array:
   """`lax.conv_general_dilated` with quantized forward and backward convolutions.
 
   Same signature as `jax.lax.conv_general_dilated` plus `config` and `key`
@@ -332,6 +338,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
     config: a `DotConfig` (fwd = conv, dlhs = input gradient, drhs = kernel
       gradient); None runs the plain convolution.
     key: PRNG key, required if any rule is stochastic.
+    int_carrier: dtype that carries integer codes into the convolutions:
+      'native' (int8 operands, int32 accumulation), 'float32' (the same codes
+      as float32 operands: exact while partial sums stay below 2^24 in
+      magnitude, i.e. always for int8 codes (|code| <= 128) with at most 1,024
+      terms per output; beyond that float32 accumulation rounds, as an FP8 GEMM's does), or
+      'auto' (default): 'float32' on the CPU backend, where XLA's int8
+      convolutions run 10-25x slower than float32 ones (benchmarks/RESULTS.md),
+      'native' elsewhere.
 
   Returns:
     The convolution output.
@@ -349,7 +363,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   pads = conv_transpose.resolve_padding(padding, lhs.shape, rhs.shape, tuple(window_strides),
                                         lhs_dilation, rhs_dilation, dn)
+  if int_carrier not in ('auto', 'native', 'float32'):
+    raise ValueError(f"int_carrier={int_carrier!r} is unknown; allowed: 'auto', 'native', "
+                     "'float32'.")
+  if int_carrier == 'auto':
+    int_carrier = 'float32' if jax.default_backend() == 'cpu' else 'native'
   op = ConvOp(tuple(window_strides), tuple(tuple(p) for p in pads), lhs_dilation, rhs_dilation,
-              dn, feature_group_count, batch_group_count, tuple(lhs.shape), tuple(rhs.shape))
+              dn, feature_group_count, batch_group_count, tuple(lhs.shape), tuple(rhs.shape),
+              int_carrier)
   opts = _Options(precision, preferred_element_type, out_sharding)
   return _qcontract(lhs, rhs, key, op, config, opts)

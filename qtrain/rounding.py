@@ -203,7 +203,8 @@ def round_to_format(x: jax.Array, fmt: fmts.Format, rounding: Rounding = 'neares
     q = round_log(compute, radix=fmt.radix, min_exponent=fmt.min_exponent,
                   max_exponent=fmt.max_exponent, shift=fmt.shift, rounding=rounding, u=u)
     if not fmt.signed_values:
-      q = jnp.where(q < 0, jnp.zeros_like(q), q)
+      # Negative finite values clamp to 0; -Inf stays -Inf (non-finite policy).
+      q = jnp.where((q < 0) & jnp.isfinite(q), jnp.zeros_like(q), q)
   else:
     raise TypeError(f'fmt must be a qtrain.formats.Format, got {fmt!r}.')
   return q.astype(x.dtype)
