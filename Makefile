@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(BIN)/qtrain demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -m 'not slow' tests
+	$(BIN)/python -m pytest -n 2 -m 'not slow' --doctest-modules tests qtrain
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --doctest-modules tests qtrain
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step_cost.py

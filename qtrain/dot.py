@@ -153,7 +153,9 @@ def _forward(lhs, rhs, key, op, cfg: cfgs.DotConfig, opts: _Options):
         if isinstance(a, QArray) and isinstance(b, QArray):
           run = functools.partial(_run_forward, op, None, opts.out_sharding)
           y = _codes_product(run, a, b, op)
-          y = y * _out_scale(op, a, 'lhs') * _out_scale(op, b, 'rhs')
+          # One multiply by the combined scale: XLA reassociates a chain of
+          # multiplies differently under jit and eager (last-bit differences).
+          y = y * (_out_scale(op, a, 'lhs') * _out_scale(op, b, 'rhs'))
         else:
           run = functools.partial(_run_forward, op, opts.precision, opts.out_sharding)
           y = _mixed_product(run, a, b)
@@ -213,9 +215,10 @@ def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out
   for gq in grads:
     if isinstance(gq, QArray) and isinstance(residual, QArray):
       d = _codes_product(run_codes, gq, residual, op)
-      d = d * move_scale(gq.scale, op.grad_kept(gemm), op.grad_dst(gemm), out_ndim)
+      scale = move_scale(gq.scale, op.grad_kept(gemm), op.grad_dst(gemm), out_ndim)
       if residual_scale is not None:
-        d = d * residual_scale.reshape(())
+        scale = scale * residual_scale.reshape(())
+      d = d * scale  # one multiply by the combined scale (see _forward)
     else:  # at least one float operand: dequantize, multiply in float
       d = _mixed_product(run_float, gq, residual)
     acc = d if acc is None else acc + d

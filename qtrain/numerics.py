@@ -72,7 +72,7 @@ def int_symmetric(x: jax.Array, key: jax.Array | None = None, *, bits: int = 8,
   Examples:
     >>> import jax.numpy as jnp
     >>> from qtrain import numerics
-    >>> numerics.int_symmetric(jnp.array([1.0, -0.5, 0.3]), bits=2).tolist()
+    >>> numerics.int_symmetric(jnp.array([1.0, -0.6, 0.3]), bits=2).tolist()
     [1.0, -1.0, 0.0]
   """
   check_float(x)
@@ -255,7 +255,7 @@ def fixed_point(x: jax.Array, key: jax.Array | None = None, *, bits: int = 8,
   else:
     q = rnd.round_stochastic(units, prng.uniform(key, x.shape))
   y = (q * fmt.step).astype(x.dtype)
-  return x + jax.lax.stop_gradient(y - x)
+  return jax.lax.stop_gradient(y) + (x - jax.lax.stop_gradient(x))
 
 
 def stochastic_round(x: jax.Array, key: jax.Array | None = None, *, bits: int = 8,

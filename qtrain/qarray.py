@@ -20,7 +20,7 @@ class QArray:
 
   Attributes:
     codes: the grid values in code units, stored in `format.storage_dtype`
-      (int8 for INT2..8, uint8 for unsigned, float8_e4m3fn/e5m2 for minifloats
+      (int8 for INT2..8 and UINT2..7, uint8 for UINT8, float8_e4m3fn/e5m2 for minifloats
       and log formats, int16/int32 for wide fixed point). Same shape as the
       original array.
     scale: float32 scale of each group; rank of `codes` (size 1 on reduced

@@ -3,7 +3,8 @@
 Non-finite policy: if a scale group contains NaN or ±Inf its scale becomes NaN
 and its codes 0, so the whole group dequantizes to NaN: bad values are never
 silently made finite, and a training loop's non-finite-loss check sees them.
-All-zero groups get scale 1 and quantize to exact zeros. Empty arrays work.
+All-zero groups get a finite nonzero scale (statistic guarded to 1) and quantize to
+exact zeros. Empty arrays work.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def quantize(x: jax.Array, config: cfgs.TensorConfig | fmts.Format, *,
   x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
   full_scale = scaling.expand_scale(scale, x.shape, cfg.granularity)
   units = x32 / full_scale
+  # A finite x whose units overflow (a tiny given scale) saturates like any other
+  # out-of-range value rather than being reported as non-finite.
+  overflow = jnp.isinf(units) & jnp.isfinite(x32) & (full_scale != 0)
+  units = jnp.where(overflow, jnp.sign(units) * jnp.finfo(jnp.float32).max, units)
   if zero_point is not None:
     units = units + scaling.expand_scale(zero_point, x.shape, cfg.granularity)
   codes = rnd.round_to_format(units, cfg.format, cfg.rounding, key=key, stream=stream)
@@ -162,7 +167,9 @@ def fake_quant(x: jax.Array, config: cfgs.TensorConfig | fmts.Format, *,
   if ste == 'clipped':
     mask = _in_range(jax.lax.stop_gradient(x), samples[0])
     x = jnp.where(mask, x, jax.lax.stop_gradient(x))
-  return x + jax.lax.stop_gradient(y - x)
+  # Forward value exactly y (x - x = 0); `x + sg(y - x)` is not y when |y| << |x|
+  # (a saturated value), most visibly in bfloat16.
+  return jax.lax.stop_gradient(y) + (x - jax.lax.stop_gradient(x))
 
 
 def _one_sample(cfg: cfgs.TensorConfig) -> cfgs.TensorConfig:

@@ -16,7 +16,8 @@ axis) so they broadcast against the input, or against it after
 `expand_scale` for blocks.
 
 Zero-guard and NaN policy: a group whose statistic is exactly 0 (all-zero
-tensor) gets scale 1, so it quantizes to zeros, never NaN; a group whose
+tensor) has the statistic replaced by 1 (scale 1/target, finite and nonzero),
+so it quantizes to zeros, never NaN; a group whose
 statistic is NaN or ±Inf keeps that non-finite scale, so the group
 dequantizes to NaN and the problem stays visible.
 
@@ -205,6 +206,16 @@ def _mean(x, axis, keepdims):
   return jnp.mean(x, axis=axis, keepdims=keepdims)
 
 
+# max/min with identity 0: the same result for the statistics below (which
+# compare with 0 anyway), and defined for empty arrays.
+def _max0(x, axis, keepdims):
+  return jnp.max(x, axis=axis, keepdims=keepdims, initial=0.0)
+
+
+def _min0(x, axis, keepdims):
+  return jnp.min(x, axis=axis, keepdims=keepdims, initial=0.0)
+
+
 def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,
                   granularity: Granularity = PerTensor()) -> tuple[jax.Array, jax.Array | None]:
   """Computes (scale, zero_point) of `x` for `fmt`.
@@ -225,32 +236,36 @@ def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,
     raise ValueError(f'{fmt.name} has a fixed scale (step {fmt.step}); use '
                      f'FixedScale({fmt.step}) or the default calibration of quantize.')
   if isinstance(calibration, AbsMax):
-    amax = group_reduce(jnp.abs(x32), jnp.max, granularity)
+    amax = group_reduce(jnp.abs(x32), _max0, granularity)
     scale = _guard_zero(amax) / fmt.absmax_target
     if calibration.power_of_two:
-      scale = jnp.where(jnp.isfinite(scale), jnp.exp2(jnp.ceil(jnp.log2(scale))), scale)
+      # 2^ceil(log2 s) from the binary exponent: exp2/log2 are not exact on all backends.
+      mant, exp = jnp.frexp(scale)
+      exp = jnp.where(mant == 0.5, exp - 1, exp)
+      scale = jnp.where(jnp.isfinite(scale), jnp.ldexp(jnp.ones_like(scale), exp), scale)
     return scale, None
   if isinstance(calibration, Sawb):
     c1, c2 = calibration.coefficients(fmt.bits)
     rms = jnp.sqrt(group_reduce(x32 * x32, _mean, granularity))
     mabs = group_reduce(jnp.abs(x32), _mean, granularity)
     clip = c1 * rms - c2 * mabs
-    amax = group_reduce(jnp.abs(x32), jnp.max, granularity)
+    amax = group_reduce(jnp.abs(x32), _max0, granularity)
     clip = jnp.where(clip > 0, clip, amax)  # IBM's guard; NaN clip -> amax (NaN too)
     return _guard_zero(clip) / fmt.max_value, None
   if isinstance(calibration, MinMax):
     if not isinstance(fmt, fmts.IntFormat):
       raise ValueError(f'MinMax calibration needs an IntFormat, got {fmt.name}.')
-    lo = jnp.minimum(group_reduce(x32, jnp.min, granularity), 0.0)
-    hi = jnp.maximum(group_reduce(x32, jnp.max, granularity), 0.0)
+    lo = jnp.minimum(group_reduce(x32, _min0, granularity), 0.0)
+    hi = jnp.maximum(group_reduce(x32, _max0, granularity), 0.0)
     scale = _guard_zero(hi - lo) / (fmt.qmax - fmt.qmin)
     zero_point = jnp.clip(fmt.qmin - jnp.round(lo / scale), fmt.qmin, fmt.qmax)
     return scale, zero_point
   if isinstance(calibration, FixedScale):
-    stat = group_reduce(x32, jnp.sum, granularity)
-    scale = jnp.full(stat.shape, calibration.value, jnp.float32)
-    # A fixed scale still reports non-finite groups (NaN policy).
-    return jnp.where(jnp.isfinite(stat), scale, jnp.nan), None
+    # A fixed scale still reports non-finite groups (NaN policy). Not via a sum:
+    # a sum of huge finite values overflows.
+    finite = group_reduce(jnp.isfinite(x32), jnp.all, granularity)
+    scale = jnp.full(finite.shape, calibration.value, jnp.float32)
+    return jnp.where(finite, scale, jnp.nan), None
   if isinstance(calibration, Lsq):
     raise ValueError('Lsq calibration needs the learned step: pass scale=... to quantize.')
   raise TypeError(f'calibration must be AbsMax, MinMax, Sawb, FixedScale or Lsq, '
