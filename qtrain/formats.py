@@ -350,7 +350,7 @@ class FixedPointFormat(Format):
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
       return self.qmax <= np.iinfo(dtype).max
-    return self.qmax <= 2 ** (np.finfo(dtype).nmant + 1)
+    return self.qmax <= 2 ** (ml_dtypes.finfo(dtype).nmant + 1)
 
 
 def fixed_point(bits: int, fractional_bits: int | None = None) -> FixedPointFormat:
