@@ -6,11 +6,14 @@ keep `jax.lax`'s signatures and run the forward and both backward GEMMs on
 low-bit operands, each configured separately by a `DotConfig`.
 """
 
+from qtrain import checkpoint as checkpoint
 from qtrain import formats as formats
 from qtrain import numerics as numerics
+from qtrain import optim as optim
 from qtrain import nnx_hooks as nnx_hooks
 from qtrain import presets as presets
 from qtrain import prng as prng
+from qtrain import recipes as recipes
 from qtrain import rounding as rounding
 from qtrain import scaling as scaling
 from qtrain.config import REUSE as REUSE
@@ -20,12 +23,19 @@ from qtrain.config import TensorConfig as TensorConfig
 from qtrain.dot import conv_general_dilated as conv_general_dilated
 from qtrain.dot import dot_general as dot_general
 from qtrain.formats import Format as Format
+from qtrain.optim import quantize_state as quantize_state
+from qtrain.optim import quantize_updates as quantize_updates
+from qtrain.optim import scale_by_quantization_error as scale_by_quantization_error
+from qtrain.optim import stochastic_round_params as stochastic_round_params
 from qtrain.qarray import QArray as QArray
 from qtrain.qarray import pack_int4 as pack_int4
 from qtrain.qarray import unpack_int4 as unpack_int4
 from qtrain.quantize import dequantize as dequantize
 from qtrain.quantize import fake_quant as fake_quant
 from qtrain.quantize import quantize as quantize
+from qtrain.recipe import Recipe as Recipe
+from qtrain.rules import QuantizationReport as QuantizationReport
+from qtrain.rules import QuantRule as QuantRule
 from qtrain.scaling import AbsMax as AbsMax
 from qtrain.scaling import FixedScale as FixedScale
 from qtrain.scaling import Lsq as Lsq
@@ -38,10 +48,12 @@ from qtrain.scaling import Sawb as Sawb
 __version__ = '0.1.0'
 
 __all__ = [
-    'formats', 'nnx_hooks', 'numerics', 'presets', 'prng', 'rounding', 'scaling',
+    'checkpoint', 'formats', 'nnx_hooks', 'numerics', 'optim', 'presets', 'prng', 'recipes',
+    'rounding', 'scaling',
     'REUSE', 'DotConfig', 'MatmulConfig', 'TensorConfig', 'Format', 'QArray',
     'quantize', 'dequantize', 'fake_quant', 'dot_general', 'conv_general_dilated',
-    'pack_int4', 'unpack_int4',
+    'pack_int4', 'unpack_int4', 'Recipe', 'QuantRule', 'QuantizationReport',
+    'quantize_updates', 'stochastic_round_params', 'quantize_state', 'scale_by_quantization_error',
     'AbsMax', 'MinMax', 'Sawb', 'FixedScale', 'Lsq', 'PerTensor', 'PerChannel', 'PerBlock',
     '__version__',
 ]
