@@ -6,8 +6,10 @@ keep `jax.lax`'s signatures and run the forward and both backward GEMMs on
 low-bit operands, each configured separately by a `DotConfig`.
 """
 
+from qtrain import attention as attention
 from qtrain import checkpoint as checkpoint
 from qtrain import formats as formats
+from qtrain import linen_hooks as linen_hooks
 from qtrain import numerics as numerics
 from qtrain import optim as optim
 from qtrain import nnx_hooks as nnx_hooks
@@ -22,7 +24,9 @@ from qtrain.config import MatmulConfig as MatmulConfig
 from qtrain.config import TensorConfig as TensorConfig
 from qtrain.dot import conv_general_dilated as conv_general_dilated
 from qtrain.dot import dot_general as dot_general
+from qtrain.einsum import einsum as einsum
 from qtrain.formats import Format as Format
+from qtrain.model import quantize_model as quantize_model
 from qtrain.optim import quantize_state as quantize_state
 from qtrain.optim import quantize_updates as quantize_updates
 from qtrain.optim import scale_by_quantization_error as scale_by_quantization_error
@@ -48,10 +52,11 @@ from qtrain.scaling import Sawb as Sawb
 __version__ = '0.1.0'
 
 __all__ = [
-    'checkpoint', 'formats', 'nnx_hooks', 'numerics', 'optim', 'presets', 'prng', 'recipes',
+    'attention', 'checkpoint', 'formats', 'linen_hooks', 'nnx_hooks', 'numerics', 'optim', 'presets', 'prng', 'recipes',
     'rounding', 'scaling',
     'REUSE', 'DotConfig', 'MatmulConfig', 'TensorConfig', 'Format', 'QArray',
-    'quantize', 'dequantize', 'fake_quant', 'dot_general', 'conv_general_dilated',
+    'quantize', 'dequantize', 'fake_quant', 'dot_general', 'conv_general_dilated', 'einsum',
+    'quantize_model',
     'pack_int4', 'unpack_int4', 'Recipe', 'QuantRule', 'QuantizationReport',
     'quantize_updates', 'stochastic_round_params', 'quantize_state', 'scale_by_quantization_error',
     'AbsMax', 'MinMax', 'Sawb', 'FixedScale', 'Lsq', 'PerTensor', 'PerChannel', 'PerBlock',
