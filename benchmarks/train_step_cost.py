@@ -2,8 +2,10 @@
 
 Models: a small CNN (3 convs + linear head, 28×28×1 input, batch 64) and a
 small pre-LN transformer block (d=128, 4 heads, MLP 4×, seq 64, batch 16).
-Configs: float32, INT8 per tensor (presets.int8), INT8 with per-channel
-weights, and 4-bit (presets.int4: INT4 SAWB forward, LUQ log-FP4 backward).
+Configs: float32, INT8 per tensor (presets.int8, stochastic rounding of dY),
+the same with round-to-nearest dY (to show what the SR noise costs), INT8 with
+per-channel weights, and 4-bit (presets.int4: INT4 SAWB forward, LUQ log-FP4
+backward).
 Every GEMM of the quantized runs — forward, dX and dW — is quantized; the
 attention score/value matmuls stay float (as in most of the papers).
 
@@ -32,6 +34,7 @@ from qtrain.nnx_hooks import QuantizedConvGeneralDilated, QuantizedDotGeneral
 CONFIGS = {
     'fp32': lambda: None,
     'int8': qtrain.presets.int8,
+    'int8-rtn-grad': lambda: qtrain.presets.int8(gradient_rounding='nearest'),
     'int8-perchannel-w': lambda: qtrain.presets.int8(per_channel_weights=True),
     'int4 (sawb/luq)': qtrain.presets.int4,
 }

@@ -85,6 +85,7 @@ def quantize(x: jax.Array, config: cfgs.TensorConfig | fmts.Format, *,
     raise ValueError("key is required: config.rounding is 'stochastic' (got key=None).")
   key = _sample_key(key, 0, cfg.samples) if key is not None else None
   zero_point = None
+  calibrated = scale is None and not isinstance(cfg.calibration, scaling.FixedScale)
   if scale is None:
     scale, zero_point = scaling.compute_scale(x, cfg.format, cfg.calibration, cfg.granularity)
   else:
@@ -103,7 +104,12 @@ def quantize(x: jax.Array, config: cfgs.TensorConfig | fmts.Format, *,
     units = units + scaling.expand_scale(zero_point, x.shape, cfg.granularity)
   codes = rnd.round_to_format(units, cfg.format, cfg.rounding, key=key, stream=stream)
   finite = jnp.isfinite(codes) & jnp.isfinite(full_scale)
-  group_finite = scaling.group_reduce(finite, jnp.all, cfg.granularity)
+  if calibrated:
+    # max/mean statistics already carry any NaN/Inf of their group into the
+    # scale, so this saves a second reduction over x.
+    group_finite = jnp.isfinite(scale)
+  else:
+    group_finite = scaling.group_reduce(finite, jnp.all, cfg.granularity)
   scale = jnp.where(group_finite, scale, jnp.nan)
   codes = jnp.where(finite, codes, 0).astype(cfg.format.storage_dtype)
   return QArray(codes=codes, scale=scale, zero_point=zero_point, format=cfg.format,
