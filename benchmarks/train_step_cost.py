@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 import qtrain
-from qtrain.nnx_hooks import QuantizedConvGeneralDilated, QuantizedDotGeneral
+from qtrain.demo import make_train_step
 
 CONFIGS = {
     'fp32': lambda: None,
@@ -72,31 +72,13 @@ class Block(nnx.Module):
     return self.head(x.mean(axis=1))
 
 
-def quantize_all(model, config, seed):
-  """Sets the quantized hook on every nnx.Linear and nnx.Conv (benchmark-local helper)."""
-  if config is None:
-    return model
-  rngs = nnx.Rngs(quant=seed)
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, nnx.Conv):
-      module.conv_general_dilated = nnx.data(QuantizedConvGeneralDilated(config, rngs=rngs))
-    elif isinstance(module, nnx.Linear):
-      module.dot_general = nnx.data(QuantizedDotGeneral(config, rngs=rngs))
-  return model
-
-
 def make_step(model_fn, config, x, y):
-  model = quantize_all(model_fn(rngs=nnx.Rngs(0)), config, seed=1)
+  """Builds model + SGD optimizer, compiles one step; returns run(n) -> seconds per step."""
+  model = model_fn(rngs=nnx.Rngs(0))
+  if config is not None:
+    model = qtrain.quantize_model(model, config, rngs=nnx.Rngs(quant=1))
   optimizer = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, x, y):
-    def loss_fn(model):
-      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
+  step = make_train_step()
   step(model, optimizer, x, y).block_until_ready()  # compile
   def run(n):
     t = time.perf_counter()

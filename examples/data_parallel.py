@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qtrain import presets
-from qtrain.demo import load_digits_split
+from qtrain.demo import load_digits_split, make_train_step
 from qtrain.nnx_hooks import QuantizedDotGeneral
 
 __all__ = ['CONFIGS', 'MLP', 'make_mesh', 'replicate', 'make_train_step', 'train', 'main']
@@ -94,21 +94,6 @@ def replicate(mesh: jax.sharding.Mesh, *objects) -> None:
   replicated = NamedSharding(mesh, P())
   for obj in objects:
     nnx.update(obj, jax.device_put(nnx.state(obj), replicated))
-
-
-def make_train_step():
-  """Returns a fresh `nnx.jit` step: (model, optimizer, x, y) -> mean cross-entropy loss."""
-
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    def loss_fn(model):
-      logits = model(x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
-  return train_step
 
 
 def train(mesh: jax.sharding.Mesh, *, steps: int = 200, batch_size: int = 64,

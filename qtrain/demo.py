@@ -23,7 +23,7 @@ from qtrain import presets
 from qtrain.config import DotConfig
 from qtrain.nnx_hooks import QuantizedDotGeneral
 
-__all__ = ['DemoResult', 'load_digits_split', 'run_demo', 'MLP']
+__all__ = ['DemoResult', 'load_digits_split', 'make_train_step', 'run_demo', 'MLP']
 
 CONFIGS = {'fp32': presets.fp32, 'int8': presets.int8, 'int4': presets.int4}
 
@@ -64,20 +64,30 @@ class MLP(nnx.Module):
     return self.layers[-1](x)
 
 
+def make_train_step():
+  """A fresh `nnx.jit` step (model, optimizer, x, y) -> mean cross-entropy loss.
+
+  x: float32 [batch, features]; y: int32 [batch] class labels.
+  """
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  return train_step
+
+
 def _train_one(name: str, config, data, *, steps: int, batch_size: int, lr: float, seed: int,
                hidden: int, progress: bool) -> DemoResult:
   (xtr, ytr), (xte, yte) = data
   model = MLP(hidden, config, rngs=nnx.Rngs(params=seed, quant=seed + 1))
   optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
 
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    def loss_fn(model):
-      logits = model(x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
+  train_step = make_train_step()
 
   @nnx.jit
   def accuracy(model, x, y):

@@ -263,3 +263,18 @@ def vjp_jacobian(fn, primal) -> np.ndarray:
   eye = jnp.eye(out.size, dtype=jnp.float32)
   jac = jax.jit(jax.vmap(lambda e: vjp(e.reshape(out.shape))[0].ravel()))(eye)
   return np.asarray(jac, np.float64).T
+
+
+def find_eqns(jaxpr, prim: str = 'dot_general') -> list:
+  """All equations of primitive `prim`, recursing into sub-jaxprs (pjit, custom_vjp, scan...)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == prim:
+      found.append(eqn)
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else (param,)):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += find_eqns(sub.jaxpr, prim)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += find_eqns(sub, prim)
+  return found

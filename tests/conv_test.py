@@ -90,20 +90,6 @@ def _float_conv(x, w, strides=(1, 1), padding='SAME', groups=1):
                                   feature_group_count=groups, precision=HIGHEST)
 
 
-def _ops(jaxpr, prim: str) -> list:
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == prim:
-      found.append(eqn)
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else (param,)):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          found += _ops(sub.jaxpr, prim)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          found += _ops(sub, prim)
-  return found
-
-
 def _forward_cases():
   for name, ls, rs, st, pad, groups in CONV_CASES:
     for per_channel in (False, True):
@@ -175,7 +161,7 @@ class ConvStructureTest(chex.TestCase):
       def loss(a, b, k, cfg=cfg):
         return jnp.sum(_conv(a, b, cfg, k, (2, 2), int_carrier='native') ** 2)
       jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w, jax.random.key(0)).jaxpr
-      convs = _ops(jaxpr, 'conv_general_dilated')
+      convs = lib.find_eqns(jaxpr, 'conv_general_dilated')
       self.assertLen(convs, 3)
       for e, scope in zip(convs, ('qtrain/fwd', 'qtrain/dlhs', 'qtrain/drhs')):
         self.assertEqual([v.aval.dtype for v in e.invars], [jnp.int8, jnp.int8])
@@ -188,7 +174,7 @@ class ConvStructureTest(chex.TestCase):
       self.skipTest('CPU-specific default')
     x, w = _normal(20, (2, 8, 8, 4)), _normal(21, (3, 3, 4, 6))
     loss = lambda a, b, k: jnp.sum(_conv(a, b, presets.int8(), k) ** 2)
-    convs = _ops(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w, jax.random.key(0)).jaxpr,
+    convs = lib.find_eqns(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w, jax.random.key(0)).jaxpr,
                  'conv_general_dilated')
     self.assertLen(convs, 3)
     for e in convs:

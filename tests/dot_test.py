@@ -171,21 +171,6 @@ def _loss(cfg, c, dn=MATMUL):
   return loss
 
 
-def _dot_eqns(jaxpr, prim: str = 'dot_general') -> list:
-  """All equations of primitive `prim`, recursing into sub-jaxprs (pjit, custom_vjp, scan...)."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == prim:
-      found.append(eqn)
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else (param,)):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          found += _dot_eqns(sub.jaxpr, prim)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          found += _dot_eqns(sub, prim)
-  return found
-
-
 def _grad_config(rule: TensorConfig, fwd=None, residual=REUSE, share=False) -> DotConfig:
   fwd = MatmulConfig() if fwd is None else fwd
   return DotConfig(fwd=fwd, dlhs=MatmulConfig(lhs=rule, rhs=residual),
@@ -331,7 +316,7 @@ class FallbackTest(chex.TestCase):
     for cfg, n_float, n_int in cases:
       def loss(a, b, cfg=cfg):
         return jnp.sum(_dot(a, b, cfg, precision=HIGHEST))
-      eqns = _dot_eqns(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w).jaxpr)
+      eqns = lib.find_eqns(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w).jaxpr)
       floats = [e for e in eqns if e.invars[0].aval.dtype == jnp.float32]
       ints = [e for e in eqns if e.invars[0].aval.dtype == jnp.int8]
       self.assertLen(floats, n_float, msg=str(cfg))
@@ -353,7 +338,7 @@ class StructureTest(chex.TestCase):
   def test_int8_three_int8_gemms(self):
     x, w = _normal(14, (8, 32)), _normal(15, (32, 16))
     for cfg in (presets.int8(), presets.int8(per_channel_weights=True)):
-      eqns = _dot_eqns(self._grad_jaxpr(cfg, x, w).jaxpr)
+      eqns = lib.find_eqns(self._grad_jaxpr(cfg, x, w).jaxpr)
       self.assertLen(eqns, 3)
       scopes = []
       for e in eqns:
@@ -366,7 +351,7 @@ class StructureTest(chex.TestCase):
   def test_int4_preset_forward_int8_backward_fp8(self):
     """INT4 codes ride int8 in the forward; INT4 x LOG2_FP4 backward GEMMs use e4m3 + f32."""
     x, w = _normal(16, (8, 32)), _normal(17, (32, 16))
-    eqns = _dot_eqns(self._grad_jaxpr(presets.int4(), x, w).jaxpr)
+    eqns = lib.find_eqns(self._grad_jaxpr(presets.int4(), x, w).jaxpr)
     self.assertLen(eqns, 3)
     fwd, *bwd = eqns
     self.assertEqual([v.aval.dtype for v in fwd.invars], [jnp.int8, jnp.int8])
