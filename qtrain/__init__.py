@@ -8,8 +8,10 @@ low-bit operands, each configured separately by a `DotConfig`.
 
 from qtrain import attention as attention
 from qtrain import checkpoint as checkpoint
+from qtrain import data as data
 from qtrain import formats as formats
 from qtrain import linen_hooks as linen_hooks
+from qtrain import models as models
 from qtrain import numerics as numerics
 from qtrain import optim as optim
 from qtrain import nnx_hooks as nnx_hooks
@@ -52,7 +54,7 @@ from qtrain.scaling import Sawb as Sawb
 __version__ = '0.1.0'
 
 __all__ = [
-    'attention', 'checkpoint', 'formats', 'linen_hooks', 'nnx_hooks', 'numerics', 'optim', 'presets', 'prng', 'recipes',
+    'attention', 'checkpoint', 'data', 'formats', 'linen_hooks', 'models', 'nnx_hooks', 'numerics', 'optim', 'presets', 'prng', 'recipes',
     'rounding', 'scaling',
     'REUSE', 'DotConfig', 'MatmulConfig', 'TensorConfig', 'Format', 'QArray',
     'quantize', 'dequantize', 'fake_quant', 'dot_general', 'conv_general_dilated', 'einsum',
