@@ -34,7 +34,6 @@ or uint8 bytes holding two 4-bit codes each (`qtrain.pack_int4`);
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -49,6 +48,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from qtrain import dot
 from qtrain import formats as fmts
 from qtrain import scaling
 from qtrain.config import DotConfig, TensorConfig
@@ -395,27 +395,15 @@ def _kernel_kept_axes(module, ndim: int) -> tuple[int, ...] | None:
 
 
 def _weight_rule(path: str, module, rule: TensorConfig, ndim: int) -> TensorConfig:
-  """The forward rhs rule made concrete for the kernel, as `qtrain.dot` does."""
-  g = rule.granularity
-  if isinstance(g, scaling.PerBlock):
-    raise NotImplementedError(f'{path}: PerBlock weight scales are not supported by the '
-                              'quantized dot, so there is nothing to export.')
-  if isinstance(rule.calibration, scaling.Lsq):
-    raise ValueError(f'{path}: an Lsq weight rule needs its learned step; export it with '
-                     'qtrain.quantize(kernel, rule, scale=step) instead.')
-  if isinstance(g, scaling.PerChannel):
+  """The forward rhs rule made concrete for the kernel, exactly as `qtrain.dot` does."""
+  if isinstance(rule.granularity, scaling.PerChannel) and rule.granularity.axes is None:
     kept = _kernel_kept_axes(module, ndim)
     if kept is None:
-      if g.axes is None:
-        raise ValueError(f'{path}: PerChannel(axes=None) on a {type(module).__name__} needs the '
-                         'GEMM layout; export knows it for nnx.Linear, LinearGeneral and '
-                         'Conv.')
-      kept = tuple(range(ndim))
-    axes = kept if g.axes is None else tuple(a % ndim for a in g.axes)
-    if not set(axes) <= set(kept):
-      raise ValueError(f'{path}: PerChannel axes {g.axes} include a contracted kernel axis.')
-    return dataclasses.replace(rule, granularity=scaling.PerChannel(axes=axes))
-  return rule
+      raise ValueError(f'{path}: PerChannel(axes=None) on a {type(module).__name__} needs the '
+                       'GEMM layout; export knows it for nnx.Linear, LinearGeneral and Conv.')
+  else:
+    kept = _kernel_kept_axes(module, ndim) or tuple(range(ndim))
+  return dot.resolve_rule(rule, kept, ndim, path)
 
 
 def _nibble_kind(fmt: fmts.Format) -> str | None:

@@ -88,9 +88,14 @@ def _gemm_operand(q: QArray, dtype) -> jax.Array:
   return codes.astype(dtype)
 
 
-def _resolve(rule: cfgs.TensorConfig, kept: tuple[int, ...], ndim: int,
-             where: str) -> cfgs.TensorConfig:
-  """Makes a rule's granularity concrete for one operand of one GEMM."""
+def resolve_rule(rule: cfgs.TensorConfig, kept: tuple[int, ...], ndim: int,
+                 where: str) -> cfgs.TensorConfig:
+  """Makes a rule's granularity concrete for one operand of one GEMM.
+
+  `kept` are the operand's non-contracted axes: PerChannel(axes=None) becomes
+  PerChannel(kept); explicit axes must lie within them. PerBlock and Lsq rules
+  raise (they cannot be applied inside the GEMM); `where` names the operand.
+  """
   g = rule.granularity
   if isinstance(g, scaling.PerBlock):
     raise NotImplementedError(
@@ -109,7 +114,7 @@ def _resolve(rule: cfgs.TensorConfig, kept: tuple[int, ...], ndim: int,
 
 
 def _quantize_samples(x, rule, key, slot: str, kept, where: str) -> list[QArray]:
-  rule = _resolve(rule, kept, x.ndim, where)
+  rule = resolve_rule(rule, kept, x.ndim, where)
   k = None if key is None else jax.random.fold_in(key, _SLOT[slot])
   if rule.samples == 1:
     return [quantize(x, rule, key=k)]
