@@ -75,7 +75,8 @@ class TensorConfig:
       # Fixed point carries its own scale; AbsMax is only the class default.
       object.__setattr__(self, 'calibration', scaling.FixedScale(value=self.format.step))
     if not isinstance(self.calibration, (scaling.AbsMax, scaling.MinMax, scaling.Sawb,
-                                         scaling.FixedScale, scaling.Lsq)):
+                                         scaling.FixedScale, scaling.Lsq,
+                                         scaling.CustomCalibration)):
       raise TypeError(f'calibration must be a qtrain.scaling calibration, got '
                       f'{self.calibration!r}.')
     if not isinstance(self.granularity, (scaling.PerTensor, scaling.PerChannel,

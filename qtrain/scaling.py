@@ -9,7 +9,9 @@ Two independent choices, both frozen data:
 * a *calibration* says how the scale is computed from the elements of a group:
   `AbsMax` (symmetric, optional power-of-two), `MinMax` (asymmetric with zero
   point), `Sawb` (statistics-aware weight binning), `FixedScale` (a constant,
-  e.g. a fixed-point step), `Lsq` (a learned step passed in by the caller).
+  e.g. a fixed-point step), `Lsq` (a learned step passed in by the caller),
+  or a subclass of `CustomCalibration` (a paper's own clip rule, e.g. a
+  clip searched per step).
 
 Scales have the input's rank (size 1 on the reduced axes; `n_blocks` on a block
 axis) so they broadcast against the input, or against it after
@@ -40,8 +42,8 @@ from qtrain import formats as fmts
 
 __all__ = [
     'PerTensor', 'PerChannel', 'PerBlock', 'Granularity', 'AbsMax', 'MinMax', 'Sawb',
-    'FixedScale', 'Lsq', 'Calibration', 'group_reduce', 'expand_scale', 'compute_scale',
-    'lsq_fake_quant', 'SAWB_COEFFICIENTS',
+    'FixedScale', 'Lsq', 'CustomCalibration', 'Calibration', 'group_reduce', 'expand_scale',
+    'guard_zero', 'compute_scale', 'lsq_fake_quant', 'SAWB_COEFFICIENTS',
 ]
 
 _dataclass = dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -148,7 +150,37 @@ class Lsq:
   """Learned step size: the caller passes the step (a parameter) as `scale=`."""
 
 
-Calibration = Union[AbsMax, MinMax, Sawb, FixedScale, Lsq]
+class CustomCalibration:
+  """Base class of calibrations defined outside this module (paper clip rules).
+
+  Subclass it as a frozen, keyword-only dataclass (configs are static, hashed
+  by jit) and implement `compute`. `compute_scale` calls it with the
+  stop-gradient float32 tensor; the result follows the module's conventions:
+  a float32 scale of the group shape (`group_reduce`'s output shape), the
+  zero-guard for all-zero groups (`guard_zero`), and NaN/Inf groups kept
+  non-finite.
+
+  Examples:
+    >>> import dataclasses, jax.numpy as jnp
+    >>> from qtrain import formats, scaling
+    >>> @dataclasses.dataclass(frozen=True, kw_only=True)
+    ... class HalfMax(scaling.CustomCalibration):
+    ...   def compute(self, x, fmt, granularity):
+    ...     amax = scaling.group_reduce(jnp.abs(x), jnp.max, granularity)
+    ...     return scaling.guard_zero(amax / 2) / fmt.absmax_target, None
+    >>> scale, _ = scaling.compute_scale(jnp.array([-4.0, 2.0]), formats.INT8, HalfMax())
+    >>> round(float(scale[0] * 127), 4)
+    2.0
+  """
+  __slots__ = ()
+
+  def compute(self, x: jax.Array, fmt: fmts.Format, granularity: Granularity
+              ) -> tuple[jax.Array, jax.Array | None]:
+    """Returns (scale, zero_point or None) of float32 `x` for `fmt` (see the class doc)."""
+    raise NotImplementedError(f'{type(self).__name__} must implement compute().')
+
+
+Calibration = Union[AbsMax, MinMax, Sawb, FixedScale, Lsq, CustomCalibration]
 
 
 def _normalize_axes(axes, ndim: int, name: str = 'axes') -> tuple[int, ...]:
@@ -197,7 +229,8 @@ def expand_scale(scale: jax.Array, shape: tuple[int, ...], granularity: Granular
   return jnp.broadcast_to(scale, shape)
 
 
-def _guard_zero(stat: jax.Array) -> jax.Array:
+def guard_zero(stat: jax.Array) -> jax.Array:
+  """`stat` with exact zeros replaced by 1 (the zero-guard of the module doc)."""
   # `stat == 0` (not `stat > 0`), so NaN statistics stay NaN (policy above).
   return jnp.where(stat == 0, jnp.ones_like(stat), stat)
 
@@ -223,8 +256,8 @@ def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,
   Args:
     x: float array.
     fmt: target format.
-    calibration: AbsMax, MinMax, Sawb or FixedScale (Lsq scales come from the
-      caller).
+    calibration: AbsMax, MinMax, Sawb, FixedScale or a CustomCalibration
+      (Lsq scales come from the caller).
     granularity: which elements share a scale.
 
   Returns:
@@ -237,7 +270,7 @@ def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,
                      f'FixedScale({fmt.step}) or the default calibration of quantize.')
   if isinstance(calibration, AbsMax):
     amax = group_reduce(jnp.abs(x32), _max0, granularity)
-    scale = _guard_zero(amax) / fmt.absmax_target
+    scale = guard_zero(amax) / fmt.absmax_target
     if calibration.power_of_two:
       # 2^ceil(log2 s) from the binary exponent: exp2/log2 are not exact on all backends.
       mant, exp = jnp.frexp(scale)
@@ -251,13 +284,13 @@ def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,
     clip = c1 * rms - c2 * mabs
     amax = group_reduce(jnp.abs(x32), _max0, granularity)
     clip = jnp.where(clip > 0, clip, amax)  # IBM's guard; NaN clip -> amax (NaN too)
-    return _guard_zero(clip) / fmt.max_value, None
+    return guard_zero(clip) / fmt.max_value, None
   if isinstance(calibration, MinMax):
     if not isinstance(fmt, fmts.IntFormat):
       raise ValueError(f'MinMax calibration needs an IntFormat, got {fmt.name}.')
     lo = jnp.minimum(group_reduce(x32, _min0, granularity), 0.0)
     hi = jnp.maximum(group_reduce(x32, _max0, granularity), 0.0)
-    scale = _guard_zero(hi - lo) / (fmt.qmax - fmt.qmin)
+    scale = guard_zero(hi - lo) / (fmt.qmax - fmt.qmin)
     zero_point = jnp.clip(fmt.qmin - jnp.round(lo / scale), fmt.qmin, fmt.qmax)
     return scale, zero_point
   if isinstance(calibration, FixedScale):
@@ -268,8 +301,10 @@ def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,
     return jnp.where(finite, scale, jnp.nan), None
   if isinstance(calibration, Lsq):
     raise ValueError('Lsq calibration needs the learned step: pass scale=... to quantize.')
-  raise TypeError(f'calibration must be AbsMax, MinMax, Sawb, FixedScale or Lsq, '
-                  f'got {calibration!r}.')
+  if isinstance(calibration, CustomCalibration):
+    return calibration.compute(x32, fmt, granularity)
+  raise TypeError(f'calibration must be AbsMax, MinMax, Sawb, FixedScale, Lsq or a '
+                  f'CustomCalibration, got {calibration!r}.')
 
 
 def lsq_fake_quant(x: jax.Array, step: jax.Array, fmt: fmts.IntFormat,

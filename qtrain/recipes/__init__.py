@@ -9,10 +9,15 @@ for every layer and no optimizer transforms:
 | `int8`   | `presets.int8()`: INT8 fwd, INT8 SR bwd    | as given  | —        |
 | `int4`   | `presets.int4()`: INT4 SAWB fwd, LUQ bwd   | as given  | —        |
 
-The papers' recipes (`luq()`, `ultra_low()`, `wageubn()`, `ui8()`, ...) come
-later in this module, each with the paper's defaults (float first/last
-layers, optimizer transforms, schedules) and a docstring citing it. Start from
-any recipe and swap one part with `recipe.replace(...)`.
+The papers' recipes (`luq()`, `ultra_low()`, `wageubn()`, `unified_int8()`, ...)
+live in one submodule each and are re-exported here, each with the paper's
+defaults (float first/last layers, optimizer transforms, schedules) and a
+docstring citing it. Start from any recipe and swap one part with
+`recipe.replace(...)`.
+
+Every recipe function registers itself (`register`, in
+`qtrain.recipes.registry`) with its paper, formats and model families; the
+`qtrain` command finds recipes by name there (`get`, `names`, `registered`).
 
 Examples:
   >>> from qtrain import recipes
@@ -27,11 +32,17 @@ from __future__ import annotations
 
 from qtrain import presets
 from qtrain.recipe import Recipe
+from qtrain.recipes.registry import (FAMILIES, RecipeInfo, ReportedDelta, get, info, names,
+                                     register, registered)
 from qtrain.rules import QuantRule
 
-__all__ = ['fp32', 'int8', 'int4']
+__all__ = ['fp32', 'int8', 'int4', 'FAMILIES', 'RecipeInfo', 'ReportedDelta', 'get', 'info',
+           'names', 'register', 'registered']
+
+_ALL_FAMILIES = ('cnn', 'mobilenet', 'transformer')
 
 
+@register('fp32', forward='float32', backward='float32', families=_ALL_FAMILIES)
 def fp32() -> Recipe:
   """The float baseline: every layer in high precision, no optimizer transforms.
 
@@ -42,6 +53,7 @@ def fp32() -> Recipe:
                 description='float32 baseline, no quantization')
 
 
+@register('int8', forward='INT8 absmax, RTN', backward='INT8 absmax, SR', families=_ALL_FAMILIES)
 def int8(*, per_channel_weights: bool = False) -> Recipe:
   """Plain INT8 training of every layer (a baseline, not a paper recipe).
 
@@ -70,6 +82,8 @@ def int8(*, per_channel_weights: bool = False) -> Recipe:
                 description='INT8 forward (RTN), INT8 backward (SR), every layer')
 
 
+@register('int4', forward='INT4 SAWB, RTN', backward='radix-2 log FP4 (LUQ), SR',
+          families=_ALL_FAMILIES)
 def int4() -> Recipe:
   """Plain 4-bit training of every layer with LUQ's numerics (a baseline).
 
