@@ -93,20 +93,26 @@ class LeNet(nnx.Module):
   28×28, so one classifier serves 8×8 digits, 28×28 MNIST and 32×32 CIFAR.
 
   Layers: `stem` (5×5 conv, 6·width), `conv2` (5×5 conv, 16·width), `fc1`
-  (dense, 120·width), `head` (dense, num_classes).
+  (dense, 120·width), `head` (dense, num_classes). With `batch_norm=True`
+  each conv is followed by a BatchNorm (`stem_bn`, `conv2_bn`; the convs then
+  have no bias), the small CNN-with-BatchNorm the paper recipes' tests use.
 
   Args:
     num_classes: output logits.
     in_channels: input channels (1 for MNIST/digits, 3 for CIFAR).
     width: channel/unit multiplier.
+    batch_norm: add BatchNorm after each convolution.
     rngs: an `nnx.Rngs` with a 'params' (or 'default') stream.
   """
 
   def __init__(self, num_classes: int = 10, in_channels: int = 1, *, width: int = 1,
-               rngs: nnx.Rngs):
+               batch_norm: bool = False, rngs: nnx.Rngs):
     c1, c2, hidden = 6 * width, 16 * width, 120 * width
-    self.stem = nnx.Conv(in_channels, c1, (5, 5), padding='SAME', rngs=rngs)
-    self.conv2 = nnx.Conv(c1, c2, (5, 5), padding='SAME', rngs=rngs)
+    self.stem = nnx.Conv(in_channels, c1, (5, 5), padding='SAME', use_bias=not batch_norm,
+                         rngs=rngs)
+    self.conv2 = nnx.Conv(c1, c2, (5, 5), padding='SAME', use_bias=not batch_norm, rngs=rngs)
+    self.stem_bn = _batch_norm(c1, rngs) if batch_norm else None
+    self.conv2_bn = _batch_norm(c2, rngs) if batch_norm else None
     self.fc1 = nnx.Linear(4 * 4 * c2, hidden, rngs=rngs)
     self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
 
@@ -119,8 +125,11 @@ class LeNet(nnx.Module):
     Returns:
       float32 [B, num_classes].
     """
-    x = nnx.max_pool(nnx.relu(self.stem(x)), (2, 2), strides=(2, 2), padding='SAME')
-    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), strides=(2, 2), padding='SAME')
+    for conv, bn in ((self.stem, self.stem_bn), (self.conv2, self.conv2_bn)):
+      x = conv(x)
+      if bn is not None:
+        x = bn(x)
+      x = nnx.max_pool(nnx.relu(x), (2, 2), strides=(2, 2), padding='SAME')
     x = adaptive_avg_pool(x, (4, 4))
     x = nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
     return self.head(x)

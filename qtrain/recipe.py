@@ -4,11 +4,14 @@ A recipe bundles what a paper changes about training:
 
 * `rules`: which layers get which `DotConfig` (`QuantRule`s, first match wins),
   the model side, applied by `quantize_model` / the NNX hooks;
+* `gradient_transforms`: optax transforms chained *before* the user's
+  optimizer, i.e. on the raw gradients (WAGEUBN's weight-gradient
+  quantizer G);
 * `optimizer_transforms`: optax transforms chained *after* the user's
   optimizer (`qtrain.optim`: 24-bit weights, 13-bit momentum, ...), the
   optimizer side;
-* schedule hooks: `float_last_steps` turns quantization off for the last N
-  steps (LUQ's high-precision fine-tuning, FNT).
+* schedule hooks: `float_last_steps` switches to `final_rules` (default: all
+  float) for the last N steps (LUQ's high-precision fine-tuning, FNT).
 
 Recipes are built like optax optimizers: small named parts, each a frozen
 value that can be printed, compared and swapped. Change one part with
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import optax
 
@@ -102,6 +105,14 @@ def _describe_dot(c: cfgs.DotConfig | None) -> str:
   return text + (' | shared dy sample' if c.share_gradient_sample else '')
 
 
+def _rule_lines(rules: tuple[QuantRule, ...]) -> list[str]:
+  lines = []
+  for i, rule in enumerate(rules):
+    kinds = f" [{', '.join(rule.op_kinds)}]" if rule.op_kinds else ''
+    lines.append(f'    {i}: {rule.module_path!r}{kinds} -> {_describe_dot(rule.config)}')
+  return lines
+
+
 def _transform_name(tx: optax.GradientTransformation) -> str:
   # A GradientTransformation carries no name; the factory's name is the first
   # component of its closures' qualified name ('quantize_updates.<locals>...').
@@ -123,16 +134,27 @@ class Recipe:
       a tuple). A rule with `config=None` keeps its layers in float.
     optimizer_transforms: optax transforms chained after the user's optimizer
       by `wrap_optimizer` (a list is stored as a tuple).
-    float_last_steps: during the last N steps of a run every layer is float
-      (`rules_at`), the schedule of LUQ's high-precision fine-tuning (FNT).
-      0 = never. Optimizer transforms stay on. (LUQ's FNT itself keeps the
-      weights in INT4; the LUQ recipe will say so with its own rules.)
+    gradient_transforms: optax transforms chained before the user's
+      optimizer by `wrap_optimizer`: they see the raw gradients.
+    float_last_steps: during the last N steps of a run the layers follow
+      `final_rules` (`rules_at`), the schedule of LUQ's high-precision
+      fine-tuning (FNT). 0 = never. Gradient and optimizer transforms stay on.
+    final_rules: the rules of the final phase; None = `rules` with every
+      config None (all float, same paths matched). LUQ's FNT keeps the
+      weights in INT4 and gives them here.
+    optimizer: the paper's own base optimizer as a function of the learning
+      rate (e.g. WAGEUBN's SGD with momentum 0.25 on a 10-bit LR), used by
+      the training loop instead of its default; None = the loop's default.
+      Gradient and optimizer transforms wrap it as any other optimizer.
     description: free text, e.g. the paper reference.
   """
   name: str
   rules: tuple[QuantRule, ...]
   optimizer_transforms: tuple[optax.GradientTransformation, ...] = ()
+  gradient_transforms: tuple[optax.GradientTransformation, ...] = ()
   float_last_steps: int = 0
+  final_rules: tuple[QuantRule, ...] | None = None
+  optimizer: Callable[[float], optax.GradientTransformation] | None = None
   description: str = ''
 
   def __post_init__(self):
@@ -148,8 +170,19 @@ class Recipe:
     object.__setattr__(self, 'optimizer_transforms', _as_tuple(
         'optimizer_transforms', self.optimizer_transforms, optax.GradientTransformation,
         'optax.GradientTransformation'))
+    object.__setattr__(self, 'gradient_transforms', _as_tuple(
+        'gradient_transforms', self.gradient_transforms, optax.GradientTransformation,
+        'optax.GradientTransformation'))
+    if self.final_rules is not None:
+      final = _as_tuple('final_rules', self.final_rules, QuantRule, 'qtrain.QuantRule')
+      if not final:
+        raise ValueError('final_rules is empty; use None for all-float final steps.')
+      object.__setattr__(self, 'final_rules', final)
     object.__setattr__(self, 'float_last_steps',
                        _check_int('float_last_steps', self.float_last_steps, 0))
+    if self.optimizer is not None and not callable(self.optimizer):
+      raise TypeError(f'optimizer must be a function of the learning rate or None, got '
+                      f'{self.optimizer!r}.')
     if not isinstance(self.description, str):
       raise TypeError(f'description must be a str, got {self.description!r}.')
 
@@ -170,10 +203,11 @@ class Recipe:
 
   def wrap_optimizer(self, optimizer: optax.GradientTransformation
                      ) -> optax.GradientTransformationExtraArgs:
-    """Returns `optax.chain(optimizer, *self.optimizer_transforms)`.
+    """Returns `optax.chain(*gradient_transforms, optimizer, *optimizer_transforms)`.
 
     Always a chain, also without transforms, so the optimizer state's
-    structure is `(optimizer_state, *transform_states)` for every recipe.
+    structure is `(*gradient_states, optimizer_state, *transform_states)`
+    for every recipe.
 
     Args:
       optimizer: the user's optimizer, e.g. `optax.sgd(0.1, momentum=0.9)`.
@@ -194,7 +228,7 @@ class Recipe:
     """
     if not isinstance(optimizer, optax.GradientTransformation):
       raise TypeError(f'optimizer must be an optax.GradientTransformation, got {optimizer!r}.')
-    return optax.chain(optimizer, *self.optimizer_transforms)
+    return optax.chain(*self.gradient_transforms, optimizer, *self.optimizer_transforms)
 
   def float_at(self, step: int, total_steps: int) -> bool:
     """Whether `step` (0-based, of `total_steps`) is in the final float phase.
@@ -223,10 +257,11 @@ class Recipe:
   def rules_at(self, step: int, total_steps: int) -> tuple[QuantRule, ...]:
     """The rules to use at `step` of a run of `total_steps` steps.
 
-    Outside the final float phase these are `self.rules`. During the last
-    `float_last_steps` steps they are the same rules with `config=None`:
-    every layer float, the same module paths matched (so `quantize_model`'s
-    report and unused-rule check look the same in both phases). Rules are
+    Outside the final phase these are `self.rules`. During the last
+    `float_last_steps` steps they are `final_rules`, or when that is None the
+    same rules with `config=None`: every layer float, the same module paths
+    matched (so `quantize_model`'s report and unused-rule check look the same
+    in both phases). Rules are
     static: switching them means re-applying them to the model (a new trace),
     once, at step `total_steps - float_last_steps`.
 
@@ -249,16 +284,25 @@ class Recipe:
     """
     if not self.float_at(step, total_steps):
       return self.rules
+    if self.final_rules is not None:
+      return self.final_rules
     return tuple(dataclasses.replace(rule, config=None) for rule in self.rules)
 
   def __str__(self) -> str:
     lines = [f'Recipe {self.name!r}' + (f': {self.description}' if self.description else '')]
     lines.append('  rules (first match wins):')
-    for i, rule in enumerate(self.rules):
-      kinds = f" [{', '.join(rule.op_kinds)}]" if rule.op_kinds else ''
-      lines.append(f'    {i}: {rule.module_path!r}{kinds} -> {_describe_dot(rule.config)}')
+    lines.extend(_rule_lines(self.rules))
+    if self.gradient_transforms:
+      names = ', '.join(_transform_name(t) for t in self.gradient_transforms)
+      lines.append(f'  gradient transforms (before the optimizer): {names}')
     names = ', '.join(_transform_name(t) for t in self.optimizer_transforms)
     lines.append(f'  optimizer transforms (after the optimizer): {names or "none"}')
+    if self.optimizer is not None:
+      lines.append(f'  base optimizer: {getattr(self.optimizer, "__name__", self.optimizer)}')
     if self.float_last_steps:
-      lines.append(f'  float for the last {self.float_last_steps} steps')
+      if self.final_rules is None:
+        lines.append(f'  float for the last {self.float_last_steps} steps')
+      else:
+        lines.append(f'  final_rules for the last {self.float_last_steps} steps:')
+        lines.extend(_rule_lines(self.final_rules))
     return '\n'.join(lines)

@@ -199,3 +199,36 @@ class TestBaselineRecipes:
     assert r.rules_at(0, 1000)[1].config == qtrain.presets.int4()
     assert r.rules_at(900, 1000)[1].config is None
     assert "'conv_init|head' -> float" in str(r)
+
+
+def test_gradient_transforms_run_before_the_optimizer():
+  double = optax.scale(2.0)
+  r = recipes.fp32().replace(gradient_transforms=[double],
+                             optimizer_transforms=(optax.clip(1.5),))
+  assert r.gradient_transforms == (double,)
+  tx = r.wrap_optimizer(optax.sgd(1.0))
+  updates, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+  assert updates.tolist() == [-1.5, -1.5]  # scale 2 -> sgd -> clip at 1.5
+  assert 'gradient transforms (before the optimizer): scale' in str(r)
+
+
+def test_final_rules_replace_the_all_float_default():
+  final = (QuantRule(module_path='.*', config=qtrain.presets.int4()),)
+  r = recipes.int8().replace(float_last_steps=5, final_rules=final)
+  assert r.rules_at(94, 100) == r.rules
+  assert r.rules_at(95, 100) == final
+  assert 'final_rules for the last 5 steps' in str(r)
+  with pytest.raises(ValueError, match='final_rules is empty'):
+    recipes.int8().replace(final_rules=())
+  with pytest.raises(TypeError, match=r'final_rules\[0\]'):
+    recipes.int8().replace(final_rules=('x',))
+
+
+def test_optimizer_field_is_a_function_of_the_learning_rate():
+  def paper_sgd(lr):
+    return optax.sgd(lr, momentum=0.25)
+  r = recipes.fp32().replace(optimizer=paper_sgd)
+  assert isinstance(r.optimizer(0.1), optax.GradientTransformation)
+  assert 'base optimizer: paper_sgd' in str(r)
+  with pytest.raises(TypeError, match='function of the learning rate'):
+    recipes.fp32().replace(optimizer=0.1)
