@@ -1,15 +1,35 @@
-"""The `qtrain` command."""
+"""The `qtrain` command: train, compare, recipes, demo.
+
+    qtrain compare                 # digits, small CNN, every registered recipe
+    qtrain compare --task fashion_mnist --recipes fp32,int8,luq --epochs 3 --seeds 2
+    qtrain train --task digits --model lenet --recipe int8 --out runs/int8
+    qtrain recipes                 # registered recipes, formats, papers
+
+Errors in the arguments (unknown names, an existing output directory, bad
+numbers) print one line `qtrain: error: ...` and exit with status 2; a
+training run stopped by a non-finite loss exits with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 
-__all__ = ['main']
+__all__ = ['main', 'build_parser']
+
+
+def _default_out(kind: str, task: str, model: str | None) -> str:
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  parts = [kind, task] + ([model] if model else []) + [stamp]
+  return os.path.join('qtrain-runs', '-'.join(parts))
 
 
 def _demo(args) -> int:
   from qtrain import demo  # pylint: disable=import-outside-toplevel
+  if args.steps < 1:
+    raise ValueError('--steps must be >= 1')
   results = demo.run_demo(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, hidden=args.hidden, configs=tuple(args.configs),
                           progress=not args.no_progress)
@@ -19,10 +39,115 @@ def _demo(args) -> int:
   return 0
 
 
+def _recipes(args) -> int:
+  del args
+  from qtrain import recipes  # pylint: disable=import-outside-toplevel
+  entries = recipes.registered()
+  name_w = max(len(e.name) for e in entries)
+  fwd_w = max(len(e.forward) for e in entries)
+  bwd_w = max(len(e.backward) for e in entries)
+  print(f'{"recipe":<{name_w}}  {"forward":<{fwd_w}}  {"backward":<{bwd_w}}  families / paper')
+  for e in entries:
+    print(f'{e.name:<{name_w}}  {e.forward:<{fwd_w}}  {e.backward:<{bwd_w}}  '
+          f'{",".join(e.families)} / {e.paper or "baseline"}')
+  return 0
+
+
+def _train(args) -> int:
+  from qtrain.train import TrainConfig, train  # pylint: disable=import-outside-toplevel
+  config = TrainConfig(task=args.task, model=args.model, recipe=args.recipe, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, width=args.width,
+                       limit=args.limit, checkpoint_every=args.checkpoint_every,
+                       devices=args.devices, data_dir=args.data_dir)
+  out = args.out or _default_out('train', config.task, config.model)
+  result = train(config, out_dir=out, overwrite=args.overwrite, resume=args.resume,
+                 progress=not args.no_progress)
+  from qtrain import tasks  # pylint: disable=import-outside-toplevel
+  metric = tasks.get(config.task).metric
+  resumed = f' (resumed at step {result.resumed_from})' if result.resumed_from is not None else ''
+  print(f'{config.recipe} on {config.task}/{config.model}, seed {config.seed}: test {metric} '
+        f'{100 * result.test_metric:.2f}%, final training loss {result.final_loss:.4f}, '
+        f'{result.steps} steps, {result.seconds:.0f} s{resumed}.')
+  print(f'wrote {out}/config.json, metrics.jsonl, checkpoints/')
+  return 0
+
+
+def _compare(args) -> int:
+  from qtrain import compare as cmp  # pylint: disable=import-outside-toplevel
+  recipes = [r.strip() for r in args.recipes.split(',') if r.strip()] if args.recipes else None
+  out = args.out or _default_out('compare', args.task, args.model)
+  result = cmp.compare(task=args.task, model=args.model, recipes=recipes, epochs=args.epochs,
+                       seeds=cmp.parse_seeds(args.seeds), batch_size=args.batch_size,
+                       lr=args.lr, limit=args.limit, devices=args.devices,
+                       data_dir=args.data_dir, out_dir=out, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+  print(f'\n{result.task} / {result.model}: test {result.metric} after {result.epochs} epochs, '
+        f'seeds {", ".join(map(str, result.seeds))} (Δ in percentage points vs fp32, same seeds)')
+  print(cmp.format_table(result, markdown=False))
+  print(f'\nwrote {out}/report.md, results.json, loss.png, delta.png '
+        f'({result.seconds:.0f} s)')
+  return 0
+
+
+def _add_common(p: argparse.ArgumentParser, *, epochs: int) -> None:
+  p.add_argument('--task', default='digits',
+                 help='digits (default), fashion_mnist, fortunes or bible_en_es')
+  p.add_argument('--model', default=None,
+                 help="zoo model (lenet, resnet20, mobilenetv2, transformer_lm, seq2seq); "
+                 "default: the task's (lenet for images)")
+  p.add_argument('--epochs', type=int, default=epochs, help=f'epochs per run ({epochs})')
+  p.add_argument('--batch-size', type=int, default=64, help='examples per step (64)')
+  p.add_argument('--lr', type=float, default=3e-3,
+                 help="learning rate of Adam, or of the recipe's own optimizer (3e-3)")
+  p.add_argument('--limit', type=int, default=None,
+                 help='use only the first N training examples (quick runs)')
+  p.add_argument('--devices', type=int, default=1,
+                 help='split each batch over this many local devices (data parallel; 1)')
+  p.add_argument('--data-dir', default=None, help='extra directory to look for dataset files')
+  p.add_argument('--out', default=None,
+                 help='output directory (default: qtrain-runs/<command>-<task>-<time>)')
+  p.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
+  p.add_argument('--no-progress', action='store_true', help='hide progress bars')
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='qtrain', description=(
-      '4- and 8-bit fully quantized training for JAX/Flax.'))
+      '4- and 8-bit fully quantized training for JAX/Flax: train a model with a paper\'s '
+      'recipe, or compare recipes against float32 on real data.'))
   sub = parser.add_subparsers(dest='command', required=True)
+
+  p = sub.add_parser('compare', help='train several recipes on the same data and seeds; '
+                     'write the comparison table and plots',
+                     description='Train every recipe (default: all registered for the model '
+                     'family) on the same data, seeds and budget; print the table and write '
+                     'report.md, results.json, loss.png and delta.png to --out.')
+  _add_common(p, epochs=10)
+  p.add_argument('--recipes', default=None,
+                 help='comma list of recipe names (fp32 is always added); default: all '
+                 'registered for the model family (see `qtrain recipes`)')
+  p.add_argument('--seeds', default='1', help="number of seeds (3 = seeds 0,1,2) or a comma "
+                 "list such as 0,5 (default 1)")
+  p.set_defaults(func=_compare)
+
+  p = sub.add_parser('train', help='train one model with one recipe',
+                     description='Train one zoo model on one task with one recipe: progress '
+                     'bar, evaluation every epoch, checkpoints and exact resume, metrics as '
+                     'JSON lines in --out.')
+  _add_common(p, epochs=5)
+  p.add_argument('--recipe', default='fp32', help='registered recipe name (fp32)')
+  p.add_argument('--seed', type=int, default=0, help='init, data order and noise seed (0)')
+  p.add_argument('--width', type=int, default=None, help='model size multiplier')
+  p.add_argument('--checkpoint-every', type=int, default=0,
+                 help='steps between checkpoints (0: end of every epoch)')
+  p.add_argument('--resume', action='store_true',
+                 help='continue the run in --out from its latest checkpoint')
+  p.set_defaults(func=_train)
+
+  p = sub.add_parser('recipes', help='list the registered recipes',
+                     description='List the registered recipes with their forward and '
+                     'backward formats, model families and papers.')
+  p.set_defaults(func=_recipes)
+
   p = sub.add_parser('demo', help='train a small MLP on digits: float32 vs INT8 vs 4-bit',
                      description='Train a small Flax MLP on scikit-learn digits with float32, '
                      'INT8 and 4-bit (INT4 SAWB fwd, LUQ log-FP4 bwd) GEMMs and print '
@@ -40,11 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  if getattr(args, 'steps', 1) < 1:
-    print('qtrain: error: --steps must be >= 1', file=sys.stderr)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return args.func(args)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    # Bad names, budgets, existing output or missing data: one clear line.
+    print(f'qtrain: error: {e}', file=sys.stderr)
     return 2
-  return args.func(args)
+  except FloatingPointError as e:  # NonFiniteLossError
+    print(f'qtrain: stopped: {e}', file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,8 @@ def _loss(model, x, y):
 
 def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
                      batch_size: int = 64, optimizer: optax.GradientTransformation | None = None,
-                     width: int = 1) -> Outcome:
+                     width: int = 1,
+                     prepare_model: Callable[[nnx.Module], object] | None = None) -> Outcome:
   """Trains LeNet+BatchNorm on digits with `recipe` for `steps` steps.
 
   Same init, batches and quantization keys for every recipe at one seed. The
@@ -60,6 +62,9 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
     batch_size: examples per step.
     optimizer: the base optimizer (default Adam 3e-3), wrapped by the recipe.
     width: LeNet width multiplier.
+    prepare_model: optional `fn(model)` called after every `quantize_model`
+      of the run (and before the optimizer is built): what a recipe's rules
+      cannot express, e.g. WAGEUBN's BatchNorm swap and E1/E2 hooks.
 
   Returns:
     Outcome.
@@ -67,6 +72,8 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
   xtr, ytr, xte, yte = digits_images()
   model = models.LeNet(10, 1, width=width, batch_norm=True, rngs=nnx.Rngs(seed))
   qtrain.quantize_model(model, recipe.rules_at(0, steps), rngs=nnx.Rngs(quant=seed + 1))
+  if prepare_model is not None:
+    prepare_model(model)
   tx = recipe.wrap_optimizer(optimizer if optimizer is not None else optax.adam(3e-3))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -90,6 +97,8 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
   for step, idx in enumerate(order):
     if step == final_start:
       qtrain.quantize_model(model, recipe.rules_at(step, steps))
+      if prepare_model is not None:
+        prepare_model(model)
       step_fn = nnx.jit(train_step)
     losses.append(float(step_fn(model, opt, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]))))
   model.eval()

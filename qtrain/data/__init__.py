@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from qtrain.data.bible import load_bible_pairs, read_ztext, strip_osis
-from qtrain.data.core import Dataset, DatasetNotFoundError, batches, split_indices
+from qtrain.data.core import (Dataset, DatasetNotFoundError, batch_indices, batches,
+                              split_indices)
 from qtrain.data.fortunes import load_fortunes, parse_fortune_file
 from qtrain.data.text import (BOS_ID, EOS_ID, PAD_ID, encode_pairs, encode_texts,
                               train_tokenizer)
@@ -44,7 +45,8 @@ def load(name: str, **kwargs) -> Dataset:
 
 
 __all__ = [
-    'BOS_ID', 'DATASETS', 'Dataset', 'DatasetNotFoundError', 'EOS_ID', 'PAD_ID', 'batches',
+    'BOS_ID', 'DATASETS', 'Dataset', 'DatasetNotFoundError', 'EOS_ID', 'PAD_ID', 'batch_indices',
+    'batches',
     'encode_pairs', 'encode_texts', 'load', 'load_bible_pairs', 'load_digits',
     'load_fashion_mnist', 'load_fortunes', 'parse_fortune_file', 'read_idx', 'read_ztext',
     'split_indices', 'strip_osis', 'train_tokenizer',

@@ -118,13 +118,32 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: 
   """
   if len(x) != len(y):
     raise ValueError(f'x and y lengths differ: {len(x)} vs {len(y)}')
+  for idx in batch_indices(len(x), batch_size, seed=seed, epoch=epoch,
+                           drop_remainder=drop_remainder):
+    yield x[idx], y[idx]
+
+
+def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int,
+                  drop_remainder: bool = True) -> Iterator[np.ndarray]:
+  """The example indices of `batches` (same order), for data held in several arrays.
+
+  Args:
+    n: number of examples.
+    batch_size: examples per batch.
+    seed: run seed.
+    epoch: epoch number.
+    drop_remainder: as in `batches`.
+
+  Yields:
+    int64 index arrays of length batch_size (the last may be shorter when
+    drop_remainder is False).
+  """
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
-  perm = np.random.default_rng([seed, epoch]).permutation(len(x))
-  stop = len(x) - len(x) % batch_size if drop_remainder else len(x)
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  stop = n - n % batch_size if drop_remainder else n
   for start in range(0, stop, batch_size):
-    idx = perm[start:start + batch_size]
-    yield x[idx], y[idx]
+    yield perm[start:start + batch_size]
 
 
 def str_array(texts: Sequence[str]) -> np.ndarray:

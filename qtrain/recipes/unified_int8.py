@@ -1,0 +1,159 @@
+"""Unified INT8 training (Zhu et al., CVPR 2020) as a `Recipe`.
+
+See `unified_int8` for what is quantized how, and `qtrain.clipping` for the
+parts of the paper that are not wired (periodic clip reuse, per-layer LR
+scaling from the backward pass's deviation).
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+
+from qtrain import clipping
+from qtrain import config as cfgs
+from qtrain import optim
+from qtrain import rounding as rnd
+from qtrain.recipe import Recipe
+from qtrain.recipes.registry import ReportedDelta, register
+from qtrain.rules import QuantRule
+
+__all__ = ['unified_int8', 'unified_int8_config']
+
+PAPER = ('Zhu et al., "Towards Unified INT8 Training for Convolutional Neural Network", '
+         'CVPR 2020, arXiv:1912.12607')
+
+# The paper's tables were not read; these are its MobileNetV2 drops as quoted
+# by secondary sources (papers-1-4.md §4e).
+_REPORTED = (
+    ReportedDelta(model='MobileNetV2', dataset='ImageNet', delta_pp=-1.19,
+                  source='Zhu et al. 2020, ImageNet classification table (via secondary '
+                         'sources, papers-1-4.md §4e)'),
+    ReportedDelta(model='MobileNetV2', dataset='CIFAR-10', delta_pp=-1.01,
+                  source='Zhu et al. 2020, CIFAR-10 table (via secondary sources, '
+                         'papers-1-4.md §4e)'),
+)
+
+
+def unified_int8_config(*, gradient_rounding: rnd.Rounding = 'stochastic',
+                        num_candidates: int = clipping.NUM_CANDIDATES,
+                        min_ratio: float = clipping.MIN_RATIO) -> cfgs.DotConfig:
+  """The DotConfig of one UI8 layer.
+
+  Forward: X and W on the symmetric INT8 grid [-127, 127], absmax per
+  tensor, round-to-nearest. Backward: dY quantized once per layer and step
+  onto the same grid with the cosine-optimal clip (`clipping.CosineClip`,
+  per tensor) and `gradient_rounding`; that one sample feeds both the dX and
+  the dW GEMM, whose other operands are the forward codes.
+
+  Args:
+    gradient_rounding: 'stochastic' (UI8, [S]) or 'nearest'.
+    num_candidates, min_ratio: the clip search grid (`clipping.candidate_ratios`).
+
+  Returns:
+    A `DotConfig`.
+  """
+  rnd.check_rounding(gradient_rounding)
+  int8 = clipping.symmetric_int(8)
+  fwd = cfgs.TensorConfig(format=int8)
+  grad = cfgs.TensorConfig(format=int8, rounding=gradient_rounding,
+                           calibration=clipping.CosineClip(num_candidates=num_candidates,
+                                                           min_ratio=min_ratio))
+  return cfgs.DotConfig(fwd=cfgs.MatmulConfig(lhs=fwd, rhs=fwd),
+                        dlhs=cfgs.MatmulConfig(lhs=grad, rhs=cfgs.REUSE),
+                        drhs=cfgs.MatmulConfig(lhs=cfgs.REUSE, rhs=grad),
+                        share_gradient_sample=True)
+
+
+@register('unified_int8', paper=PAPER,
+          forward='INT8 symmetric, absmax per tensor, RTN (first conv and FC float)',
+          backward='INT8 symmetric per tensor, cosine-distance clip (DSGC), SR; one sample '
+                   'for dX and dW; LR scaled by max(exp(-20 d), 0.1)',
+          families=('cnn', 'mobilenet'), reported=_REPORTED)
+def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
+                 num_candidates: int = clipping.NUM_CANDIDATES,
+                 min_ratio: float = clipping.MIN_RATIO, lr_scaling: bool = True,
+                 alpha: float = clipping.ALPHA, beta: float = clipping.BETA,
+                 keep_float: str = 'stem|head', conv_only: bool = True) -> Recipe:
+  r"""Unified INT8 training (UI8): INT8 forward and backward with DSGC and DCLRS.
+
+  Layers: the module paths matching `keep_float` (the zoo's first conv
+  `stem` and classifier `head`) stay float, as in the paper's standard
+  setting; with `conv_only` the other dense layers stay float too (the paper
+  quantizes convolutions); every other convolution uses
+  `unified_int8_config`: INT8 forward (absmax per tensor, RTN), INT8
+  gradients clipped by Direction Sensitive Gradient Clipping (the clip that
+  minimises the cosine distance between float and quantized dY) with
+  stochastic rounding, one gradient sample for both backward GEMMs.
+
+  Optimizer: with `lr_scaling`, Deviation Counteractive LR Scaling as
+  `optim.scale_by_quantization_error` chained after the optimizer: each
+  parameter's update is multiplied by φ(d) = max(exp(-α·d), β).
+
+  Differences from the paper (documented, see `qtrain.clipping`):
+
+  * the clip is searched from each step's gradient (the paper searches
+    periodically and reuses it: less compute). The periodic update is
+    `clipping.cosine_clip_update`, not threaded into the dot.
+  * DCLRS's d should be each layer's DSGC deviation of dY from the backward
+    pass (`clipping.scale_by_deviation` takes it); nothing hands it out of
+    the dot yet, so the proxy measures d by quantizing the parameter's
+    update with the same INT8 cosine-clip rule (round-to-nearest). Weight
+    gradients are much less sharp than dY, so φ stays near 1 where the paper's
+    would drop: the proxy is a safety net, not the paper's schedule.
+  * search grid, rounding inside the search, BN and forward clipping are
+    unconfirmed (papers-1-4.md §4): absmax forward, BN float.
+
+  Args:
+    gradient_rounding: rounding of dY, 'stochastic' (UI8) or 'nearest'.
+    num_candidates: clip candidates per search (>= 1).
+    min_ratio: smallest candidate as a fraction of max|dY|, in (0, 1].
+    lr_scaling: chain the DCLRS proxy after the optimizer.
+    alpha, beta: φ's decay and floor (UI8: 20 and 0.1).
+    keep_float: regex (full match on the module path) of the layers kept
+      float: the first conv and the classifier.
+    conv_only: quantize only convolutions (the paper); False also quantizes
+      the other dense layers.
+
+  Returns:
+    Recipe 'unified_int8'.
+
+  Raises:
+    TypeError / ValueError: bad options (naming them).
+
+  Examples:
+    >>> from qtrain.recipes.unified_int8 import unified_int8
+    >>> r = unified_int8()
+    >>> [rule.module_path for rule in r.rules]
+    ['stem|head', '.*', '.*']
+
+  References:
+    Zhu et al., CVPR 2020, arXiv:1912.12607 (§4 of papers-1-4.md).
+  """
+  for name, value in (('lr_scaling', lr_scaling), ('conv_only', conv_only)):
+    if not isinstance(value, bool):
+      raise TypeError(f'{name} must be a bool, got {value!r}.')
+  if not isinstance(keep_float, str):
+    raise TypeError(f'keep_float must be a regex string, got {keep_float!r}.')
+  try:
+    re.compile(keep_float)
+  except re.error as e:
+    raise ValueError(f'keep_float={keep_float!r} is not a valid regex: {e}.') from e
+  for name, value in (('alpha', alpha), ('beta', beta)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      raise TypeError(f'{name} must be a real number, got {value!r}.')
+  config = unified_int8_config(gradient_rounding=gradient_rounding,
+                               num_candidates=num_candidates, min_ratio=min_ratio)
+  rules = [QuantRule(module_path=keep_float, config=None)]
+  if conv_only:
+    rules += [QuantRule(module_path='.*', config=config, op_kinds=('conv',)),
+              QuantRule(module_path='.*', config=None)]
+  else:
+    rules += [QuantRule(module_path='.*', config=config)]
+  transforms = ()
+  if lr_scaling:
+    probe = cfgs.TensorConfig(format=clipping.symmetric_int(8),
+                              calibration=config.dlhs.lhs.calibration)
+    transforms = (optim.scale_by_quantization_error(probe, alpha=alpha, beta=beta),)
+  return Recipe(name='unified_int8', rules=tuple(rules), optimizer_transforms=transforms,
+                description=f'{PAPER}: INT8 fwd/bwd, DSGC per step, DCLRS (update proxy)')
