@@ -1,4 +1,4 @@
-# Two entry points a fresh machine needs (see README): `make demo` and `make test`.
+# Two entry points a fresh machine needs (see README): `make compare` and `make test`.
 # Both create .venv with Python 3.12 (pyenv reads .python-version) and install
 # qtrain with the jax pin from constraints.txt the first time.
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: compare demo test test-all bench bench-data venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 12), f"qtrain needs Python >= 3.12, {sys.executable} is {sys.version.split()[0]} (pyenv: see .python-version)"'
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+compare: $(STAMP)
+	$(BIN)/qtrain compare --out qtrain-runs/compare-default --overwrite
 
 demo: $(STAMP)
 	$(BIN)/qtrain demo
@@ -28,6 +31,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step_cost.py
+
+bench-data: $(STAMP)
+	$(BIN)/python benchmarks/data_loading.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,10 +4,15 @@ Pure functions quantize and dequantize tensors (`quantize`, `dequantize`,
 `fake_quant`, `qtrain.numerics`); `dot_general` and `conv_general_dilated`
 keep `jax.lax`'s signatures and run the forward and both backward GEMMs on
 low-bit operands, each configured separately by a `DotConfig`.
+`quantize_model` applies a `Recipe` (`qtrain.recipes`: baselines and one
+per paper) to a Flax model; `qtrain.train` / `qtrain.compare` run it on the
+tasks of `qtrain.tasks` (the `qtrain` command).
 """
 
 from qtrain import attention as attention
+from qtrain import batchnorm as batchnorm
 from qtrain import checkpoint as checkpoint
+from qtrain import compare as compare
 from qtrain import data as data
 from qtrain import formats as formats
 from qtrain import linen_hooks as linen_hooks
@@ -20,6 +25,8 @@ from qtrain import prng as prng
 from qtrain import recipes as recipes
 from qtrain import rounding as rounding
 from qtrain import scaling as scaling
+from qtrain import tasks as tasks
+from qtrain import train as train
 from qtrain.config import REUSE as REUSE
 from qtrain.config import DotConfig as DotConfig
 from qtrain.config import MatmulConfig as MatmulConfig
@@ -43,6 +50,7 @@ from qtrain.recipe import Recipe as Recipe
 from qtrain.rules import QuantizationReport as QuantizationReport
 from qtrain.rules import QuantRule as QuantRule
 from qtrain.scaling import AbsMax as AbsMax
+from qtrain.scaling import CustomCalibration as CustomCalibration
 from qtrain.scaling import FixedScale as FixedScale
 from qtrain.scaling import Lsq as Lsq
 from qtrain.scaling import MinMax as MinMax
@@ -54,13 +62,15 @@ from qtrain.scaling import Sawb as Sawb
 __version__ = '0.1.0'
 
 __all__ = [
-    'attention', 'checkpoint', 'data', 'formats', 'linen_hooks', 'models', 'nnx_hooks', 'numerics', 'optim', 'presets', 'prng', 'recipes',
-    'rounding', 'scaling',
+    'attention', 'batchnorm', 'checkpoint', 'compare', 'data', 'formats', 'linen_hooks', 'models',
+    'nnx_hooks', 'numerics', 'optim', 'presets', 'prng', 'recipes', 'rounding', 'scaling', 'tasks',
+    'train',
     'REUSE', 'DotConfig', 'MatmulConfig', 'TensorConfig', 'Format', 'QArray',
     'quantize', 'dequantize', 'fake_quant', 'dot_general', 'conv_general_dilated', 'einsum',
     'quantize_model',
     'pack_int4', 'unpack_int4', 'Recipe', 'QuantRule', 'QuantizationReport',
     'quantize_updates', 'stochastic_round_params', 'quantize_state', 'scale_by_quantization_error',
-    'AbsMax', 'MinMax', 'Sawb', 'FixedScale', 'Lsq', 'PerTensor', 'PerChannel', 'PerBlock',
+    'AbsMax', 'MinMax', 'Sawb', 'FixedScale', 'Lsq', 'CustomCalibration', 'PerTensor',
+    'PerChannel', 'PerBlock',
     '__version__',
 ]

@@ -125,5 +125,8 @@ def build_report(rules: Sequence[QuantRule], decisions: Sequence[Decision]) -> Q
   report.unused_rules = [i for i in range(len(rules)) if i not in used]
   for i in report.unused_rules:
     # A rule that matches nothing is almost always a typo in its regex.
-    _log.warning('qtrain.quantize_model: rule %d %r matched no layer.', i, rules[i])
+    # The path pattern identifies the rule; the full config would fill a screen.
+    kinds = f' {list(rules[i].op_kinds)}' if rules[i].op_kinds else ''
+    _log.warning('qtrain.quantize_model: rule %d (module_path=%r%s) matched no layer.', i,
+                 rules[i].module_path, kinds)
   return report

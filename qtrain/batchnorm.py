@@ -11,12 +11,12 @@ evaluation; the running averages are updated with the float batch moments,
 as the official code does. Every Q has an identity gradient, so the backward
 pass is float autodiff through the quantized values (the paper's BN backward
 runs in float on quantized values); WAGEUBN's 15-bit quantization of the γ/β
-*gradients* belongs to the optimizer (`qtrain.recipes.wageubn`).
+*gradients* belongs to the optimizer (`qtrain.recipes.papers.wageubn`).
 
 | name                      | what                                                             |
 |---------------------------|------------------------------------------------------------------|
 | `quantized_batch_norm`    | the pure function (given μ, σ², γ, β)                            |
-| `QuantizedBatchNorm`      | NNX module, a subclass of `nnx.BatchNorm` (same params/batch_stats) |
+| `QuantizedBatchNorm`      | NNX module, a subclass of `nnx.BatchNorm` (same state layout)    |
 | `LinenQuantizedBatchNorm` | Linen module, a subclass of `nn.BatchNorm` (same variables)      |
 | `swap_batch_norm`         | replaces every `nnx.BatchNorm` of an NNX model in place          |
 

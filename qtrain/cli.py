@@ -1,6 +1,6 @@
 """The `qtrain` command: train, compare, recipes, demo.
 
-    qtrain compare                 # digits, small CNN, every registered recipe
+    qtrain compare                 # digits, LeNet+BN, every registered recipe, 3 seeds
     qtrain compare --task fashion_mnist --recipes fp32,int8,luq --epochs 3 --seeds 2
     qtrain train --task digits --model lenet --recipe int8 --out runs/int8
     qtrain recipes                 # registered recipes, formats, papers
@@ -42,14 +42,13 @@ def _demo(args) -> int:
 def _recipes(args) -> int:
   del args
   from qtrain import recipes  # pylint: disable=import-outside-toplevel
-  entries = recipes.registered()
-  name_w = max(len(e.name) for e in entries)
-  fwd_w = max(len(e.forward) for e in entries)
-  bwd_w = max(len(e.backward) for e in entries)
-  print(f'{"recipe":<{name_w}}  {"forward":<{fwd_w}}  {"backward":<{bwd_w}}  families / paper')
-  for e in entries:
-    print(f'{e.name:<{name_w}}  {e.forward:<{fwd_w}}  {e.backward:<{bwd_w}}  '
-          f'{",".join(e.families)} / {e.paper or "baseline"}')
+  for e in recipes.registered():
+    print(f'{e.name}: {e.paper or "baseline (no paper)"}')
+    print(f'  forward:  {e.forward}')
+    print(f'  backward: {e.backward}')
+    reported = '; '.join(str(d) for d in e.reported)
+    print(f'  families: {", ".join(e.families)}' + (f'; paper reports {reported}' if reported
+                                                      else ''))
   return 0
 
 
@@ -82,7 +81,8 @@ def _compare(args) -> int:
                        data_dir=args.data_dir, out_dir=out, overwrite=args.overwrite,
                        progress=not args.no_progress)
   print(f'\n{result.task} / {result.model}: test {result.metric} after {result.epochs} epochs, '
-        f'seeds {", ".join(map(str, result.seeds))} (Δ in percentage points vs fp32, same seeds)')
+        f'seeds {", ".join(map(str, result.seeds))} (Δ in percentage points vs the float '
+        'baseline on the same seeds)')
   print(cmp.format_table(result, markdown=False))
   print(f'\nwrote {out}/report.md, results.json, loss.png, delta.png '
         f'({result.seconds:.0f} s)')
@@ -97,8 +97,9 @@ def _add_common(p: argparse.ArgumentParser, *, epochs: int) -> None:
                  "default: the task's (lenet for images)")
   p.add_argument('--epochs', type=int, default=epochs, help=f'epochs per run ({epochs})')
   p.add_argument('--batch-size', type=int, default=64, help='examples per step (64)')
-  p.add_argument('--lr', type=float, default=3e-3,
-                 help="learning rate of Adam, or of the recipe's own optimizer (3e-3)")
+  p.add_argument('--lr', type=float, default=None,
+                 help="learning rate (default: 3e-3 for Adam; a recipe with its own "
+                 "optimizer, e.g. wageubn, uses its paper's)")
   p.add_argument('--limit', type=int, default=None,
                  help='use only the first N training examples (quick runs)')
   p.add_argument('--devices', type=int, default=1,
@@ -125,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--recipes', default=None,
                  help='comma list of recipe names (fp32 is always added); default: all '
                  'registered for the model family (see `qtrain recipes`)')
-  p.add_argument('--seeds', default='1', help="number of seeds (3 = seeds 0,1,2) or a comma "
-                 "list such as 0,5 (default 1)")
+  p.add_argument('--seeds', default='3', help="number of seeds (3 = seeds 0,1,2, the "
+                 "default) or a comma list such as 0,5")
   p.set_defaults(func=_compare)
 
   p = sub.add_parser('train', help='train one model with one recipe',

@@ -29,7 +29,7 @@ configs, so nothing can flow out of its backward pass):
   periodic version is `cosine_clip_update` (tested, not threaded into the dot).
 * DCLRS wants each layer's d from its DSGC search. `scale_by_deviation` takes
   those d as an extra argument of `update`; nothing produces them inside
-  `qtrain.dot_general` yet. `qtrain.recipes.unified_int8` therefore uses
+  `qtrain.dot_general` yet. `qtrain.recipes.unified_int8()` therefore uses
   `optim.scale_by_quantization_error` (d measured on each parameter's update)
   as a proxy.
 

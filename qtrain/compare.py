@@ -32,7 +32,8 @@ import numpy as np
 
 from qtrain import recipes as recipe_registry
 from qtrain import tasks as task_registry
-from qtrain.train import TrainConfig, TrainResult, _prepare_out_dir, train
+from qtrain.recipe import Recipe
+from qtrain.train import TrainConfig, TrainResult, _prepare_out_dir, resolve_lr, train
 
 __all__ = ['Row', 'Comparison', 'compare', 'model_family', 'format_table']
 
@@ -60,6 +61,7 @@ class Row:
   delta_std_pp: float | None
   paper_delta: str
   seconds: float
+  baseline: str = ''
 
   @property
   def mean(self) -> float:
@@ -88,9 +90,17 @@ def _pp(x: float) -> str:
   return f'{x:+.2f}'
 
 
+def _clip(text: str, width: int) -> str:
+  return text if len(text) <= width else text[:width - 1] + '…'
+
+
 def format_table(comparison: Comparison, *, markdown: bool = True) -> str:
-  """The comparison table as Markdown (or aligned plain text for a terminal)."""
-  head = ['recipe', 'forward', 'backward', f'test {comparison.metric} (%)', 'Δ vs fp32 (pp)',
+  """The comparison table as Markdown, or as aligned plain text for a terminal.
+
+  The plain-text form shortens the format descriptions to fit a terminal
+  (`qtrain recipes` and report.md have them in full).
+  """
+  head = ['recipe', 'forward', 'backward', f'test {comparison.metric} (%)', 'Δ vs float (pp)',
           "paper's Δ (pp, their setting)", 'time (s)']
   lines = []
   for r in comparison.rows:
@@ -99,8 +109,10 @@ def format_table(comparison: Comparison, *, markdown: bool = True) -> str:
       delta = '—'
     else:
       delta = _pp(r.delta_pp) + (f' ± {r.delta_std_pp:.2f}' if r.delta_std_pp is not None else '')
-    lines.append([r.recipe, r.forward, r.backward, metric, delta, r.paper_delta or '—',
-                  f'{r.seconds:.0f}'])
+    fwd, bwd, paper = r.forward, r.backward, r.paper_delta or '—'
+    if not markdown:
+      fwd, bwd, paper = _clip(fwd, 24), _clip(bwd, 28), _clip(paper, 34)
+    lines.append([r.recipe, fwd, bwd, metric, delta, paper, f'{r.seconds:.0f}'])
   if markdown:
     out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     out += ['| ' + ' | '.join(line) + ' |' for line in lines]
@@ -114,22 +126,58 @@ def _paper_delta(entry: recipe_registry.RecipeInfo) -> str:
   return '; '.join(str(d) for d in entry.reported[:2])
 
 
-def _rows(names, runs_by_recipe: dict[str, list[TrainResult]]) -> tuple[Row, ...]:
-  base = runs_by_recipe.get(BASELINE)
-  rows = []
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One line of the comparison: a label, the recipe to train, its baseline label."""
+  label: str
+  recipe: Recipe
+  registered: str
+  baseline: str | None
+
+
+def _entries(names: list[str]) -> list[_Entry]:
+  """fp32 first; a recipe bringing its own optimizer gets an fp32 run with that optimizer.
+
+  Δ must isolate quantization: WAGEUBN's SGD with momentum 0.25 on a 10-bit
+  LR against Adam fp32 would mix the optimizer into the degradation.
+  """
+  out = [_Entry(BASELINE, recipe_registry.get(BASELINE), BASELINE, None)]
   for name in names:
-    entry = recipe_registry.info(name)
-    runs = runs_by_recipe[name]
-    metrics = tuple(r.test_metric for r in runs)
+    if name == BASELINE:
+      continue
+    recipe = recipe_registry.get(name)
+    baseline = BASELINE
+    if recipe.optimizer is not None:
+      baseline = f'{BASELINE}-{name}-opt'
+      float_twin = recipe_registry.get(BASELINE).replace(
+          name=baseline, optimizer=recipe.optimizer, default_lr=recipe.default_lr,
+          description=f"float32 with {name}'s own optimizer (its Δ baseline)")
+      out.append(_Entry(baseline, float_twin, BASELINE, None))
+    out.append(_Entry(name, recipe, name, baseline))
+  return out
+
+
+def _rows(entries: list[_Entry], runs: dict[str, list[TrainResult]]) -> tuple[Row, ...]:
+  rows = []
+  for e in entries:
+    info = recipe_registry.info(e.registered)
+    metrics = tuple(r.test_metric for r in runs[e.label])
     delta = delta_std = None
-    if base is not None:
-      diffs = 100 * (np.asarray(metrics) - np.asarray([r.test_metric for r in base]))
+    if e.baseline is not None:
+      diffs = 100 * (np.asarray(metrics) - np.asarray([r.test_metric for r in runs[e.baseline]]))
       delta = float(diffs.mean())
       delta_std = float(diffs.std(ddof=1)) if len(diffs) > 1 else None
-    rows.append(Row(recipe=name, paper=entry.paper, forward=entry.forward,
-                    backward=entry.backward, metrics=metrics, delta_pp=delta,
-                    delta_std_pp=delta_std, paper_delta=_paper_delta(entry),
-                    seconds=float(sum(r.seconds for r in runs))))
+    elif e.label == BASELINE:
+      delta = 0.0
+    forward, backward = info.forward, info.backward
+    if e.label != e.registered:  # a float twin
+      forward = backward = f'float32 ({e.label.removeprefix(BASELINE + "-")})'
+    rows.append(Row(recipe=e.label, paper=info.paper if e.label == e.registered else '',
+                    forward=forward, backward=backward, metrics=metrics, delta_pp=delta,
+                    delta_std_pp=delta_std,
+                    paper_delta=_paper_delta(info) if e.label == e.registered else '',
+                    seconds=float(sum(r.seconds for r in runs[e.label])),
+                    baseline=e.baseline or ''))
   return tuple(rows)
 
 
@@ -143,13 +191,15 @@ def _environment() -> dict:
 
 
 def _write_report(c: Comparison, settings: dict, env: dict) -> None:
-  papers = [(r.recipe, recipe_registry.info(r.recipe).paper) for r in c.rows]
+  papers = [(r.recipe, r.paper) for r in c.rows if r.recipe == BASELINE or r.paper]
   lines = [
       f'# qtrain compare: {c.task} / {c.model}', '',
       f'Test {c.metric} after {c.epochs} epochs, mean ± sample std over seeds '
-      f'{", ".join(map(str, c.seeds))}; Δ = recipe − fp32 on the same seed (paired), in '
-      'percentage points. The papers\' Δ are for their own (much larger) models and '
-      'datasets, shown for orientation only.', '',
+      f'{", ".join(map(str, c.seeds))}; Δ = recipe − its float baseline on the same seed '
+      '(paired), in percentage points. The baseline is fp32 with Adam, or, for a recipe '
+      'that brings its own optimizer, fp32 with that optimizer and LR (the `fp32-<name>-opt` '
+      'rows). The papers\' Δ are for their own (much larger) models and datasets, shown for '
+      'orientation only.', '',
       format_table(c), '',
       '![training loss](loss.png)', '', '![delta vs float32](delta.png)', '',
       '## Settings', '',
@@ -180,7 +230,7 @@ def _plot(c: Comparison, runs_by_recipe: dict[str, list[TrainResult]]) -> None:
   fig.savefig(os.path.join(c.out_dir, 'loss.png'), dpi=120)
   plt.close(fig)
 
-  rows = [r for r in c.rows if r.recipe != BASELINE and r.delta_pp is not None]
+  rows = [r for r in c.rows if r.baseline]
   fig, ax = plt.subplots(figsize=(7, 4.5))
   xs = np.arange(len(rows))
   ax.bar(xs, [r.delta_pp for r in rows], yerr=[r.delta_std_pp or 0 for r in rows],
@@ -214,7 +264,8 @@ def _default_recipes(model: str) -> list[str]:
 
 def compare(*, task: str = 'digits', model: str | None = None,
             recipes: tuple[str, ...] | list[str] | None = None, epochs: int = 10,
-            seeds: tuple[int, ...] | list[int] = (0,), batch_size: int = 64, lr: float = 3e-3,
+            seeds: tuple[int, ...] | list[int] = (0,), batch_size: int = 64,
+            lr: float | None = None,
             limit: int | None = None, devices: int = 1, data_dir: str | None = None,
             out_dir: str | None = None, overwrite: bool = False,
             progress: bool = True) -> Comparison:
@@ -223,13 +274,15 @@ def compare(*, task: str = 'digits', model: str | None = None,
   Args:
     task: a `qtrain.tasks` name.
     model: a zoo model fitting the task; None = the task's default.
-    recipes: registered recipe names; 'fp32' is added first when missing (the
-      baseline of every Δ). None = every registered recipe whose paper covers
-      the model's family.
+    recipes: registered recipe names; 'fp32' is always trained first (the
+      baseline of every Δ), and a recipe with its own optimizer also gets an
+      fp32 run with that optimizer ('fp32-<name>-opt'), its Δ baseline.
+      None = every registered recipe whose paper covers the model's family.
     epochs: epochs per run (same budget for all).
     seeds: one run per recipe per seed.
     batch_size: examples per step.
-    lr: learning rate of the base optimizer.
+    lr: learning rate of every base optimizer; None = Adam at 3e-3 and each
+      recipe's own optimizer at its `default_lr`.
     limit: use only the first `limit` training examples.
     devices: data-parallel devices per run.
     data_dir: extra directory for dataset files.
@@ -254,38 +307,41 @@ def compare(*, task: str = 'digits', model: str | None = None,
     recipe_registry.info(name)
   if len(set(names)) != len(names):
     raise ValueError(f'recipes {names} name a recipe twice.')
-  if BASELINE not in names:
-    names.insert(0, BASELINE)
   seeds = tuple(seeds)
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f'seeds {seeds} must be a non-empty list of distinct ints.')
-  configs = {(name, seed): TrainConfig(task=task, model=model, recipe=name, epochs=epochs,
-                                       batch_size=batch_size, lr=lr, seed=seed, limit=limit,
-                                       devices=devices, data_dir=data_dir)
-             for seed in seeds for name in names}  # validates everything before any work
+  entries = _entries(names)
+  configs = {(e.label, seed): TrainConfig(task=task, model=model, recipe=e.registered,
+                                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                          limit=limit, devices=devices, data_dir=data_dir)
+             for seed in seeds for e in entries}  # validates everything before any work
   _prepare_out_dir(out_dir, overwrite, resume=False)
 
-  runs_by_recipe: dict[str, list[TrainResult]] = {name: [] for name in names}
+  runs_by_recipe: dict[str, list[TrainResult]] = {e.label: [] for e in entries}
   all_runs = []
   for seed in seeds:
     data = task_obj.load(data_dir=data_dir, seed=seed, limit=limit)
-    for name in names:
-      run_dir = os.path.join(out_dir, 'runs', name, f'seed{seed}') if out_dir else None
-      result = train(configs[name, seed], out_dir=run_dir, task_data=data, progress=progress,
-                     save_checkpoints=False)
-      runs_by_recipe[name].append(result)
+    for e in entries:
+      run_dir = os.path.join(out_dir, 'runs', e.label, f'seed{seed}') if out_dir else None
+      result = train(configs[e.label, seed], out_dir=run_dir, task_data=data, recipe=e.recipe,
+                     progress=progress, save_checkpoints=False)
+      runs_by_recipe[e.label].append(result)
       all_runs.append(result)
       if progress:
-        print(f'  {name:<14} seed {seed}: test {task_obj.metric} '
+        print(f'  {e.label:<20} seed {seed}: test {task_obj.metric} '
               f'{100 * result.test_metric:.2f}%  ({result.seconds:.0f} s)', flush=True)
 
   comparison = Comparison(task=task, model=model, metric=task_obj.metric, seeds=seeds,
-                          epochs=epochs, rows=_rows(names, runs_by_recipe), runs=tuple(all_runs),
+                          epochs=epochs, rows=_rows(entries, runs_by_recipe), runs=tuple(all_runs),
                           out_dir=out_dir, seconds=time.perf_counter() - start)
   if out_dir:
+    rates = {e.label: resolve_lr(e.recipe, lr) for e in entries}
     settings = {'task': task, 'model': model, 'epochs': epochs, 'seeds': list(seeds),
-                'batch size': batch_size, 'learning rate': lr,
-                'base optimizer': 'Adam unless the recipe brings its own',
+                'batch size': batch_size,
+                'learning rate': ', '.join(f'{k} {v:g}' for k, v in rates.items()),
+                'base optimizer': 'Adam, except recipes bringing their own optimizer (then '
+                                  'their Δ is against fp32 with that optimizer and LR, the '
+                                  '<name>-opt rows)',
                 'training examples': limit or 'all', 'devices': devices}
     env = _environment()
     _write_report(comparison, settings, env)

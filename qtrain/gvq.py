@@ -21,7 +21,7 @@ each channel follows the Magnitude-aware Clipping Strategy (MCS):
 
 What is and is not wired: the quantized dot is a pure `custom_vjp` with
 static configs, so the EMA state s_{t-1} cannot flow in and out of its
-backward pass. `MagnitudeAwareClip` (used by `qtrain.recipes.da_int8`)
+backward pass. `MagnitudeAwareClip` (used by `qtrain.recipes.da_int8()`)
 therefore computes the clip from the current gradient alone: the EMA's fixed
 point for the current max, s = max|g|/k, for inverted-T channels. With the
 paper's k = 1 that is max|g| for every channel, i.e. the per-step rule is

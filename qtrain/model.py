@@ -210,7 +210,8 @@ def quantize_model(model, rules_or_recipe: Sequence[QuantRule] | DotConfig | Any
     rules_or_recipe: a sequence of `QuantRule` (first match wins; a rule with
       config=None keeps its layers float), a single `DotConfig` (every
       dense/conv/einsum layer), or an object with a `rules` attribute (a
-      `qtrain.Recipe`; its optimizer side is not applied here).
+      `qtrain.Recipe`; its optimizer side is not applied here, its
+      `prepare_model` is, after the rules, for NNX models).
     rngs: NNX only: an `nnx.Rngs` whose 'quant' stream all hooks share;
       default: the stream of an earlier `quantize_model` on this model, else
       `nnx.Rngs(quant=0)`. Linen takes keys from
@@ -242,8 +243,11 @@ def quantize_model(model, rules_or_recipe: Sequence[QuantRule] | DotConfig | Any
     ([('layers/0', 'linear', 1)], ['layers/2'])
   """
   rules = _matching.normalize_rules(rules_or_recipe)
+  prepare = getattr(rules_or_recipe, 'prepare_model', None)
   if isinstance(model, nnx.Module):
     report = _quantize_nnx(model, rules, rngs)
+    if prepare is not None:
+      prepare(model)  # e.g. WAGEUBN's BatchNorm swap, after the hooks exist
     return (model, report) if return_report else model
   if isinstance(model, nn.Module):
     if rngs is not None:
@@ -253,6 +257,11 @@ def quantize_model(model, rules_or_recipe: Sequence[QuantRule] | DotConfig | Any
       raise ValueError('return_report=True is for NNX models: Linen layers exist only while '
                        'the model runs. Call qtrain.linen_hooks.quantization_report(quantized, '
                        '*sample_inputs) instead.')
+    if prepare is not None:
+      raise ValueError(f'recipe {rules_or_recipe.name!r} prepares NNX models with '
+                       f'{getattr(prepare, "__name__", prepare)}, which has no Linen '
+                       'counterpart; build the Linen model with the recipe\'s layers (see its '
+                       'docstring) and pass recipe.rules instead.')
     return linen_hooks.quantize_linen(model, rules)
   raise TypeError(f'model must be a flax.nnx.Module or an unbound flax.linen.Module, got '
                   f'{type(model).__name__}.')

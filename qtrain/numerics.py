@@ -17,6 +17,19 @@ formats (`qtrain.presets`).
 | `radix4`          | Ultra-low backward (+TPR phase)        | 0, ±s·4^k (phase 1: ±s·2·4^k)          |
 | `fixed_point`     | WAGEUBN W, A, BN, U, LR, momentum      | k·2^-fractional_bits, no scale         |
 | `stochastic_round`| generic SR (WAGEUBN G, UI8 gradients)  | any format, absmax scale               |
+
+The paper recipes' own quantizers live in one module per paper and are
+re-exported here with the same signature:
+
+| function          | paper (module)                          | what                                   |
+|-------------------|-----------------------------------------|----------------------------------------|
+| `sawb_activation` | LUQ (`qtrain.four_bit`)                 | INT4 SAWB, unsigned grid for x >= 0    |
+| `pact`            | Ultra-low (`qtrain.four_bit`)           | PACT clip α, learned α gradient        |
+| `luq_hindsight`   | LUQ (`qtrain.four_bit`)                 | LUQ with a given (in-hindsight) max    |
+| `gradscale`       | Ultra-low (`qtrain.four_bit`)           | per-layer power-of-two gradient scale  |
+| `cosine_clip`     | Unified INT8 (`qtrain.clipping`)        | INT8 with the cosine-optimal clip      |
+| `gvq`             | DA-INT8 (`qtrain.gvq`)                  | per-channel INT8, magnitude-aware clip |
+| `wageubn_weight`, `wageubn_activation`, `wageubn_error`, `wageubn_grad`, `wageubn_lr`, `wageubn_direct` | WAGEUBN (`qtrain.wageubn`) | fixed point, shift (E1/E2), constant scaling + SR (G) |
 """
 
 from __future__ import annotations
@@ -276,3 +289,18 @@ def stochastic_round(x: jax.Array, key: jax.Array | None = None, *, bits: int = 
   _check_key(key, 'stochastic', 'stochastic_round')
   fmt = format if format is not None else fmts.IntFormat(bits=bits, narrow=True)
   return fake_quant(x, cfgs.TensorConfig(format=fmt, rounding='stochastic'), key=key)
+
+
+# Re-exports of the paper modules (imported last: they build on this module).
+# pylint: disable=wrong-import-position
+from qtrain.four_bit import (gradscale, gradscale_update, hindsight_max,  # noqa: E402
+                             luq_hindsight, pact, sawb_activation)
+from qtrain.clipping import cosine_clip, cosine_clip_search, cosine_distance  # noqa: E402
+from qtrain.gvq import gvq, magnitude_aware_clip  # noqa: E402
+from qtrain.wageubn import (wageubn_activation, wageubn_direct, wageubn_error,  # noqa: E402
+                            wageubn_grad, wageubn_lr, wageubn_weight)
+
+__all__ += ['sawb_activation', 'pact', 'luq_hindsight', 'gradscale', 'gradscale_update',
+            'hindsight_max', 'cosine_clip', 'cosine_clip_search', 'cosine_distance', 'gvq',
+            'magnitude_aware_clip', 'wageubn_weight', 'wageubn_activation', 'wageubn_error',
+            'wageubn_grad', 'wageubn_lr', 'wageubn_direct']

@@ -28,8 +28,10 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import optax
 
@@ -146,6 +148,12 @@ class Recipe:
       rate (e.g. WAGEUBN's SGD with momentum 0.25 on a 10-bit LR), used by
       the training loop instead of its default; None = the loop's default.
       Gradient and optimizer transforms wrap it as any other optimizer.
+    default_lr: the learning rate the paper runs `optimizer` at, used by
+      `qtrain.train` when the user gives none; None = the loop's default.
+    prepare_model: a function applied in place to an NNX model after its
+      rules are installed, for what rules cannot express (WAGEUBN's
+      quantized BatchNorm and error quantizers). `quantize_model(model,
+      recipe)` and `qtrain.train` call it; None = nothing to do.
     description: free text, e.g. the paper reference.
   """
   name: str
@@ -155,6 +163,8 @@ class Recipe:
   float_last_steps: int = 0
   final_rules: tuple[QuantRule, ...] | None = None
   optimizer: Callable[[float], optax.GradientTransformation] | None = None
+  default_lr: float | None = None
+  prepare_model: Callable[[Any], Any] | None = None
   description: str = ''
 
   def __post_init__(self):
@@ -183,6 +193,13 @@ class Recipe:
     if self.optimizer is not None and not callable(self.optimizer):
       raise TypeError(f'optimizer must be a function of the learning rate or None, got '
                       f'{self.optimizer!r}.')
+    if self.default_lr is not None and not (
+        isinstance(self.default_lr, (int, float)) and not isinstance(self.default_lr, bool)
+        and math.isfinite(self.default_lr) and self.default_lr > 0):
+      raise ValueError(f'default_lr={self.default_lr!r} must be None or a positive number.')
+    if self.prepare_model is not None and not callable(self.prepare_model):
+      raise TypeError(f'prepare_model must be a function of the model or None, got '
+                      f'{self.prepare_model!r}.')
     if not isinstance(self.description, str):
       raise TypeError(f'description must be a str, got {self.description!r}.')
 
@@ -298,7 +315,11 @@ class Recipe:
     names = ', '.join(_transform_name(t) for t in self.optimizer_transforms)
     lines.append(f'  optimizer transforms (after the optimizer): {names or "none"}')
     if self.optimizer is not None:
-      lines.append(f'  base optimizer: {getattr(self.optimizer, "__name__", self.optimizer)}')
+      lr = f' at lr {self.default_lr}' if self.default_lr is not None else ''
+      lines.append(f'  base optimizer: {getattr(self.optimizer, "__name__", self.optimizer)}{lr}')
+    if self.prepare_model is not None:
+      lines.append(f'  model preparation: '
+                   f'{getattr(self.prepare_model, "__name__", self.prepare_model)}')
     if self.float_last_steps:
       if self.final_rules is None:
         lines.append(f'  float for the last {self.float_last_steps} steps')

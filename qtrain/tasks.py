@@ -4,12 +4,12 @@ A task turns a `qtrain.data` dataset into fixed-shape numpy arrays (images,
 token ids) and says how a model of the zoo is built for it and scored. The
 training loop (`qtrain.train`) and the `qtrain` command only talk to tasks.
 
-| task            | data                          | models                          | metric                 |
-|-----------------|-------------------------------|---------------------------------|------------------------|
-| `digits`        | sklearn digits, 8×8×1         | lenet, resnet20, mobilenetv2    | test accuracy          |
-| `fashion_mnist` | Fashion-MNIST, 28×28×1        | lenet, resnet20, mobilenetv2    | test accuracy          |
-| `fortunes`      | fortune texts, BPE tokens     | transformer_lm                  | next-token accuracy    |
-| `bible_en_es`   | KJV→RV1909 verses, BPE tokens | seq2seq                         | next-token accuracy    |
+| task            | data                          | models                             | metric              |
+|-----------------|-------------------------------|------------------------------------|---------------------|
+| `digits`        | sklearn digits, 8×8×1         | lenet (+BN), resnet20, mobilenetv2 | test accuracy       |
+| `fashion_mnist` | Fashion-MNIST, 28×28×1        | lenet (+BN), resnet20, mobilenetv2 | test accuracy       |
+| `fortunes`      | fortune texts, BPE tokens     | transformer_lm                     | next-token accuracy |
+| `bible_en_es`   | KJV→RV1909 verses, BPE tokens | seq2seq                            | next-token accuracy |
 
 Every metric is "higher is better" and in [0, 1]; padding never counts.
 
@@ -203,9 +203,15 @@ class Task:
 
   def create_model(self, model: str, task_data: TaskData, *, rngs: nnx.Rngs,
                    **overrides: Any) -> nnx.Module:
-    """Builds `model` for this task's data (classes, channels, vocabulary)."""
+    """Builds `model` for this task's data (classes, channels, vocabulary).
+
+    LeNet gets BatchNorm after each convolution: every CNN of the papers
+    normalizes, and WAGEUBN quantizes BatchNorm itself.
+    """
     self.check_model(model)
-    return models.create(model, **{**task_data.model_kwargs, **overrides}, rngs=rngs)
+    kwargs = {**task_data.model_kwargs, **({'batch_norm': True} if model == 'lenet' else {}),
+              **overrides}
+    return models.create(model, **kwargs, rngs=rngs)
 
 
 _CNNS = ('lenet', 'resnet20', 'mobilenetv2')

@@ -56,7 +56,7 @@ from qtrain.model import quantize_model
 from qtrain.recipe import Recipe
 
 __all__ = ['TrainConfig', 'TrainResult', 'NonFiniteLossError', 'train', 'make_train_step',
-           'evaluate']
+           'evaluate', 'apply_recipe', 'resolve_lr', 'DEFAULT_LR']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,7 +84,8 @@ class TrainConfig:
     recipe: a registered recipe name (`qtrain.recipes.names()`).
     epochs: passes over the training split.
     batch_size: examples per step (divisible by `devices`).
-    lr: learning rate of the base optimizer (Adam, or the recipe's own).
+    lr: learning rate of the base optimizer; None = the recipe's
+      `default_lr` when it brings its own optimizer, else 3e-3 (Adam).
     seed: init, data order and quantization-noise seed.
     width: model size, None = the zoo default: CNNs' `width` (MobileNetV2's
       `width_mult`), transformers' d_model = 32·width.
@@ -103,7 +104,7 @@ class TrainConfig:
   recipe: str = 'fp32'
   epochs: int = 5
   batch_size: int = 64
-  lr: float = 3e-3
+  lr: float | None = None
   seed: int = 0
   width: int | None = None
   limit: int | None = None
@@ -127,8 +128,9 @@ class TrainConfig:
     _positive_int('checkpoint_every', self.checkpoint_every, allow_zero=True)
     if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
       raise ValueError(f'seed={self.seed!r} must be an int >= 0.')
-    if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-      raise ValueError(f'lr={self.lr!r} must be a positive finite number.')
+    if self.lr is not None and not (isinstance(self.lr, (int, float)) and
+                                    math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f'lr={self.lr!r} must be None or a positive finite number.')
     if self.width is not None:
       _positive_int('width', self.width)
     if self.limit is not None:
@@ -241,8 +243,28 @@ def _truncate_metrics(path: str, step: int) -> None:
     f.writelines(kept)
 
 
+# Adam's learning rate when neither the user nor the recipe gives one.
+DEFAULT_LR = 3e-3
+
+
+def resolve_lr(recipe: Recipe, lr: float | None) -> float:
+  """`lr`, else the recipe's `default_lr` for its own optimizer, else `DEFAULT_LR`."""
+  if lr is not None:
+    return lr
+  if recipe.optimizer is not None and recipe.default_lr is not None:
+    return recipe.default_lr
+  return DEFAULT_LR
+
+
 def _base_optimizer(recipe: Recipe, lr: float) -> optax.GradientTransformation:
   return recipe.optimizer(lr) if recipe.optimizer is not None else optax.adam(lr)
+
+
+def apply_recipe(model, recipe: Recipe, step: int, total: int, rngs: nnx.Rngs | None = None):
+  """Installs `recipe.rules_at(step, total)` on `model`, then `recipe.prepare_model`."""
+  quantize_model(model, recipe.rules_at(step, total), rngs=rngs)
+  if recipe.prepare_model is not None:
+    recipe.prepare_model(model)
 
 
 def _model_overrides(config: TrainConfig) -> dict[str, Any]:
@@ -299,7 +321,8 @@ def train(config: TrainConfig, *, out_dir: str | None = None,
   _prepare_out_dir(out_dir, overwrite, resume)
   ckpt_dir = os.path.join(out_dir, 'checkpoints') if out_dir and save_checkpoints else None
   metrics_path = os.path.join(out_dir, 'metrics.jsonl') if out_dir else None
-  config_record = {**dataclasses.asdict(config), 'recipe': recipe.name}
+  lr = resolve_lr(recipe, config.lr)
+  config_record = {**dataclasses.asdict(config), 'recipe': recipe.name, 'lr': lr}
   start = ckpt.latest_step(ckpt_dir) if (resume and ckpt_dir and os.path.isdir(ckpt_dir)) else None
   if out_dir:
     config_path = os.path.join(out_dir, 'config.json')
@@ -315,9 +338,8 @@ def train(config: TrainConfig, *, out_dir: str | None = None,
   model = task.create_model(config.model, data, rngs=nnx.Rngs(config.seed),
                             **_model_overrides(config))
   step = start or 0
-  quantize_model(model, recipe.rules_at(min(step, total - 1), total),
-                 rngs=nnx.Rngs(quant=config.seed + 1))
-  optimizer = nnx.Optimizer(model, recipe.wrap_optimizer(_base_optimizer(recipe, config.lr)),
+  apply_recipe(model, recipe, min(step, total - 1), total, rngs=nnx.Rngs(quant=config.seed + 1))
+  optimizer = nnx.Optimizer(model, recipe.wrap_optimizer(_base_optimizer(recipe, lr)),
                             wrt=nnx.Param)
 
   batch_sharding = None
@@ -361,7 +383,8 @@ def train(config: TrainConfig, *, out_dir: str | None = None,
               'train_metric': float(metric_window[0]) / max(int(metric_window[1]), 1),
               'seconds': round(time.perf_counter() - start_time, 3)}
     log(record)
-    bar.set_postfix(loss=f'{mean:.4f}', refresh=False)
+    test = {'test': f'{evals[-1]["test_metric"]:.4f}'} if evals else {}
+    bar.set_postfix(loss=f'{mean:.4f}', **test, refresh=False)
     pending.clear()
     metric_window[:] = [0, 0]
 
@@ -375,7 +398,7 @@ def train(config: TrainConfig, *, out_dir: str | None = None,
         if i < skip:
           continue
         if step == final_start:
-          quantize_model(model, recipe.rules_at(step, total))
+          apply_recipe(model, recipe, step, total)
           train_step = make_train_step(task.loss)
         parts = tuple(p[idx] for p in data.train)
         loss, correct, count = train_step(model, optimizer,

@@ -13,14 +13,14 @@ code `yang-yk/wageubn`, `Quantize.py`):
 * shift: Sh(x) = 2^round(log2 x), the power of two nearest to x in the log
   domain, normalises the errors (E1, E2) and the weight gradient (G).
 
-| function             | quantity (paper)                     | grid                                   |
-|----------------------|--------------------------------------|----------------------------------------|
-| `wageubn_direct`     | A, BN μ/σ/x̂/γ/β, U, momentum, G_BN  | k·2^(1-bits), unclipped                |
-| `wageubn_weight`     | W                                    | k·2^(1-bits), |k| <= 2^(bits-1) - 1    |
-| `wageubn_activation` | A (BN → ReLU → A)                    | as `wageubn_direct`, bits=8            |
-| `wageubn_lr`         | learning rate                        | as `wageubn_weight`, bits=10           |
-| `wageubn_error`      | E1 (flag=False), E2 (flag=True)      | shift-scaled, E2 with a flag bit       |
-| `wageubn_grad`       | G (weight gradients, stochastic)     | n/(128·2^(bits-1)), |n| <= K - 1       |
+| function             | quantity (paper)                   | grid                        |
+|----------------------|------------------------------------|-----------------------------|
+| `wageubn_direct`     | A, BN μ/σ/x̂/γ/β, U, momentum, G_BN | k·2^(1-b), unclipped        |
+| `wageubn_weight`     | W                                  | k·2^(1-b), |k| < 2^(b-1)    |
+| `wageubn_activation` | A (BN → ReLU → A)                  | as `wageubn_direct`, b=8    |
+| `wageubn_lr`         | learning rate                      | as `wageubn_weight`, b=10   |
+| `wageubn_error`      | E1 (flag=False), E2 (flag=True)    | shift-scaled (+ flag bit)   |
+| `wageubn_grad`       | G (weight gradients, stochastic)   | n/(128·2^(b-1)), |n| < K    |
 
 `error_identity` puts an E quantizer into a graph: identity forward, the
 error quantizer on the cotangent (the official code's `fe1`/`fe2`).

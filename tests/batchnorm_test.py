@@ -86,11 +86,11 @@ def test_nnx_same_state_layout_and_grads():
 
 def test_linen_module():
   x = jnp.asarray(_data(4))
-  qbn = batchnorm.LinenQuantizedBatchNorm(use_running_average=False, momentum=0.9)
-  variables = qbn.init(jax.random.key(0), x)
+  qbn = batchnorm.LinenQuantizedBatchNorm(momentum=0.9)
+  variables = qbn.init(jax.random.key(0), x, use_running_average=False)
   ref_vars = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
   chex.assert_trees_all_equal_shapes_and_dtypes(variables, ref_vars)
-  y, updates = qbn.apply(variables, x, mutable=['batch_stats'])
+  y, updates = qbn.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
   mean, var = np.asarray(x).mean((0, 1, 2)), np.asarray(x).var((0, 1, 2))
   chex.assert_trees_all_close(updates['batch_stats']['mean'], 0.1 * mean, rtol=1e-5, atol=1e-7)
   expected = batchnorm.quantized_batch_norm(x, mean, var, jnp.ones(5), jnp.zeros(5))

@@ -9,6 +9,7 @@ P(|g| > σ) > λ and the EMA s_t = (1 - kA)s_{t-1} + A·max|g|.
 from __future__ import annotations
 
 import math
+import zlib
 
 import chex
 import jax
@@ -25,7 +26,8 @@ _RNG = np.random.default_rng(1234)
 
 
 def _data(kind: str, shape=(4000,)) -> np.ndarray:
-  rng = np.random.default_rng(abs(hash(kind)) % 2**32)
+  # crc32, not hash(): str hashes change from process to process.
+  rng = np.random.default_rng(zlib.crc32(kind.encode()))
   if kind == 'gauss':
     x = rng.normal(size=shape)
   elif kind == 'laplace':
@@ -146,8 +148,14 @@ def test_search_finds_the_numpy_minimum(kind, bits):
 
 def test_search_clips_heavy_tails_and_not_gaussians():
   amax = lambda x: float(np.max(np.abs(x)))
-  clip_t2, _ = clipping.cosine_clip_search(jnp.asarray(_data('t2')), clipping.symmetric_int(4))
-  assert float(clip_t2.ravel()[0]) < 0.5 * amax(_data('t2'))
+  # The clip of one heavy-tailed sample depends on its few largest values
+  # (0.27-1.0 of the max over 20 seeds), so judge the median of 11 samples.
+  ratios = []
+  for seed in range(11):
+    x = (1e-3 * np.random.default_rng(seed).standard_t(2, size=4000)).astype(np.float32)
+    clip, _ = clipping.cosine_clip_search(jnp.asarray(x), clipping.symmetric_int(4))
+    ratios.append(float(clip.ravel()[0]) / amax(x))
+  assert np.median(ratios) < 0.65, ratios
   g = _data('gauss')
   clip_g, _ = clipping.cosine_clip_search(jnp.asarray(g))
   assert float(clip_g.ravel()[0]) > 0.9 * amax(g)

@@ -17,9 +17,9 @@ from flax import nnx
 
 import qtrain
 from qtrain import dot, four_bit, models, numerics, recipes
-from qtrain.recipes import luq as luq_mod
+from qtrain.recipes.papers import luq as luq_mod
 from qtrain.recipes import registry
-from qtrain.recipes.luq import fnt_config, fnt_schedule, luq, luq_config
+from qtrain.recipes.papers.luq import fnt_config, fnt_schedule, luq, luq_config
 
 import recipe_training_testlib as rtl
 
@@ -230,7 +230,7 @@ def test_recipe_options_and_fnt_phase():
 
 
 def test_registered():
-  entry = registry.info('luq')  # registered by importing qtrain.recipes.luq
+  entry = registry.info('luq')  # registered by importing qtrain.recipes.papers.luq
   assert entry.factory is luq_mod.luq and entry.build().name == 'luq'
   assert {d.model for d in entry.reported} >= {'ResNet-18', 'ResNet-50', 'MobileNet-V2'}
   assert all(d.delta_pp < 0 and 'Table 2' in d.source for d in entry.reported)

@@ -232,3 +232,27 @@ def test_optimizer_field_is_a_function_of_the_learning_rate():
   assert 'base optimizer: paper_sgd' in str(r)
   with pytest.raises(TypeError, match='function of the learning rate'):
     recipes.fp32().replace(optimizer=0.1)
+
+
+def test_prepare_model_runs_after_the_rules_for_nnx_and_is_refused_for_linen():
+  from flax import nnx
+  import flax.linen as nn
+  seen = []
+
+  def mark(model):
+    # The hooks exist when prepare_model runs.
+    seen.append(type(model.layers[0].dot_general).__name__)
+
+  recipe = recipes.int8().replace(prepare_model=mark, default_lr=0.1)
+  model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  qtrain.quantize_model(model, recipe)
+  assert seen == ['QuantizedDotGeneral']
+  qtrain.quantize_model(model, recipe.rules)  # bare rules: not called
+  assert len(seen) == 1
+  assert 'model preparation: mark' in str(recipe)
+  with pytest.raises(ValueError, match='no Linen counterpart'):
+    qtrain.quantize_model(nn.Dense(2), recipe)
+  with pytest.raises(TypeError, match='function of the model'):
+    recipes.int8().replace(prepare_model=3)
+  with pytest.raises(ValueError, match='default_lr'):
+    recipes.int8().replace(default_lr=-0.1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from flax import nnx
 import qtrain
 from qtrain import data as qdata
 from qtrain import models
+from qtrain.train import apply_recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +47,14 @@ def _loss(model, x, y):
 
 def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
                      batch_size: int = 64, optimizer: optax.GradientTransformation | None = None,
-                     width: int = 1,
-                     prepare_model: Callable[[nnx.Module], object] | None = None) -> Outcome:
+                     width: int = 1) -> Outcome:
   """Trains LeNet+BatchNorm on digits with `recipe` for `steps` steps.
 
   Same init, batches and quantization keys for every recipe at one seed. The
   recipe's final phase (`float_last_steps`, `final_rules`) is honoured by
-  re-applying `rules_at` when it starts.
+  re-applying `rules_at` when it starts; the recipe's `prepare_model` (e.g.
+  WAGEUBN's BatchNorm swap and E1/E2 hooks) runs after every rule change
+  (`qtrain.train.apply_recipe`).
 
   Args:
     recipe: the recipe under test (its rules, gradient and optimizer transforms).
@@ -62,18 +63,13 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
     batch_size: examples per step.
     optimizer: the base optimizer (default Adam 3e-3), wrapped by the recipe.
     width: LeNet width multiplier.
-    prepare_model: optional `fn(model)` called after every `quantize_model`
-      of the run (and before the optimizer is built): what a recipe's rules
-      cannot express, e.g. WAGEUBN's BatchNorm swap and E1/E2 hooks.
 
   Returns:
     Outcome.
   """
   xtr, ytr, xte, yte = digits_images()
   model = models.LeNet(10, 1, width=width, batch_norm=True, rngs=nnx.Rngs(seed))
-  qtrain.quantize_model(model, recipe.rules_at(0, steps), rngs=nnx.Rngs(quant=seed + 1))
-  if prepare_model is not None:
-    prepare_model(model)
+  apply_recipe(model, recipe, 0, steps, rngs=nnx.Rngs(quant=seed + 1))
   tx = recipe.wrap_optimizer(optimizer if optimizer is not None else optax.adam(3e-3))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -96,9 +92,7 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
   final_start = steps - recipe.float_last_steps if recipe.float_last_steps else steps
   for step, idx in enumerate(order):
     if step == final_start:
-      qtrain.quantize_model(model, recipe.rules_at(step, steps))
-      if prepare_model is not None:
-        prepare_model(model)
+      apply_recipe(model, recipe, step, steps)
       step_fn = nnx.jit(train_step)
     losses.append(float(step_fn(model, opt, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]))))
   model.eval()

@@ -127,7 +127,7 @@ def test_final_float_phase_requantizes(digits_data):
     (dict(model='seq2seq'), "does not fit task 'digits'; valid for this task: lenet"),
     (dict(recipe='int3'), "unknown recipe 'int3'; registered: fp32, int8"),
     (dict(epochs=0), 'epochs=0 must be an int >= 1'),
-    (dict(lr=-1.0), 'lr=-1.0 must be a positive'),
+    (dict(lr=-1.0), 'lr=-1.0 must be None or a positive'),
     (dict(devices=3, batch_size=64), 'divisible by devices=3'),
     (dict(devices=1000), 'only 8 local devices'),
 ])
@@ -139,3 +139,13 @@ def test_bad_config_is_refused(changes, match):
 def test_batch_larger_than_the_data_is_refused(digits_data):
   with pytest.raises(ValueError, match='exceeds the 256 training examples'):
     train(TrainConfig(**{**_SMALL, 'batch_size': 512}), task_data=digits_data, progress=False)
+
+
+def test_recipe_with_its_own_optimizer_runs_at_its_default_lr(tmp_path, digits_data):
+  result = train(TrainConfig(recipe='wageubn', **{**_SMALL, 'epochs': 1}), out_dir=str(tmp_path),
+                 task_data=digits_data, progress=False)
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['lr'] == 0.05 and saved['recipe'] == 'wageubn'
+  # prepare_model ran: the BatchNorm layers are WAGEUBN's.
+  from qtrain import batchnorm  # pylint: disable=import-outside-toplevel
+  assert isinstance(result.model.stem_bn, batchnorm.QuantizedBatchNorm)

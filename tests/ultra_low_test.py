@@ -18,8 +18,8 @@ from flax import nnx
 import qtrain
 from qtrain import dot, four_bit, models, numerics, recipes
 from qtrain.recipes import registry
-from qtrain.recipes import ultra_low as ul_mod
-from qtrain.recipes.ultra_low import ZOO_1X1_CONVS, ultra_low, ultra_low_config
+from qtrain.recipes.papers import ultra_low as ul_mod
+from qtrain.recipes.papers.ultra_low import ZOO_1X1_CONVS, ultra_low, ultra_low_config
 
 import recipe_training_testlib as rtl
 

@@ -21,7 +21,7 @@ from qtrain.dot import dot_general
 from qtrain.model import quantize_model
 from qtrain.quantize import fake_quant
 from qtrain.recipes import registry
-from qtrain.recipes.unified_int8 import unified_int8, unified_int8_config
+from qtrain.recipes.papers.unified_int8 import unified_int8, unified_int8_config
 
 _DN = (((1,), (0,)), ((), ()))
 _INT8 = cfgs.TensorConfig(format=clipping.symmetric_int(8))
@@ -64,9 +64,9 @@ def test_dot_forward_and_both_backward_gemms_use_the_cosine_clipped_gradient():
   gq = clipping.cosine_clip(g, rounding='nearest')
   clip, _ = clipping.cosine_clip_search(g)
   assert float(clip.ravel()[0]) < float(jnp.max(jnp.abs(g)))  # DSGC really clips here
-  np.testing.assert_allclose(y, xq @ wq, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(dx, gq @ wq.T, rtol=1e-5, atol=1e-9)
-  np.testing.assert_allclose(dw, xq.T @ gq, rtol=1e-5, atol=1e-9)
+  # Same codes, another float32 summation order: tolerance relative to the largest entry.
+  for got, want in ((y, xq @ wq), (dx, gq @ wq.T), (dw, xq.T @ gq)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
   # Not the plain absmax INT8 gradient.
   assert not np.allclose(dw, xq.T @ fake_quant(g, _INT8), rtol=1e-3)
 

@@ -16,7 +16,7 @@ import qtrain
 from qtrain import prng
 from qtrain import wageubn as wq
 from qtrain.recipes import registry
-from qtrain.recipes.wageubn import (ErrorQuantizedConv, ErrorQuantizedDot, param_labels,
+from qtrain.recipes.papers.wageubn import (ErrorQuantizedConv, ErrorQuantizedDot, param_labels,
                                     prepare_model, wageubn, wageubn_sgd)
 
 # ----------------------------------------------------------------- numpy oracles
@@ -304,8 +304,8 @@ def test_sgd_schedule_and_validation():
 def _training_pair():
   lr = 0.1
   r = wageubn()
-  quantized = recipe_training_testlib.train_digits_cnn(r, optimizer=r.optimizer(lr),
-                                                       prepare_model=prepare_model)
+  # The recipe's prepare_model (BN swap, E1/E2) runs inside train_digits_cnn.
+  quantized = recipe_training_testlib.train_digits_cnn(r, optimizer=r.optimizer(lr))
   lr_q = float(wq.wageubn_lr(jnp.float32(lr)))
   reference = recipe_training_testlib.train_digits_cnn(qtrain.recipes.fp32(),
                                                        optimizer=optax.sgd(lr_q, momentum=0.25))

@@ -9,8 +9,9 @@ for every layer and no optimizer transforms:
 | `int8`   | `presets.int8()`: INT8 fwd, INT8 SR bwd    | as given  | —        |
 | `int4`   | `presets.int4()`: INT4 SAWB fwd, LUQ bwd   | as given  | —        |
 
-The papers' recipes (`luq()`, `ultra_low()`, `wageubn()`, `unified_int8()`, ...)
-live in one submodule each and are re-exported here, each with the paper's
+The papers' recipes (`luq()`, `ultra_low()`, `wageubn()`, `unified_int8()`,
+`da_int8()`) live in one module each under `qtrain.recipes.papers` and are
+re-exported here, each with the paper's
 defaults (float first/last layers, optimizer transforms, schedules) and a
 docstring citing it. Start from any recipe and swap one part with
 `recipe.replace(...)`.
@@ -90,7 +91,7 @@ def int4() -> Recipe:
   Forward: INT4 with a SAWB scale, round-to-nearest. Backward: radix-2 log
   FP4 (LUQ) with stochastic underflow and rounding, one gradient sample
   shared by both backward GEMMs (`presets.int4`). Unlike the LUQ paper recipe
-  (to come as `qtrain.recipes.luq()`), no layer is kept in float, there is no
+  (`qtrain.recipes.luq()`), no layer is kept in float, there is no
   SMP and no high-precision fine-tuning.
 
   Returns:
@@ -98,3 +99,15 @@ def int4() -> Recipe:
   """
   return Recipe(name='int4', rules=(QuantRule(module_path='.*', config=presets.int4()),),
                 description='INT4 SAWB forward (RTN), LUQ log-FP4 backward (SR), every layer')
+
+
+# The paper recipes, one module each; importing them registers them.
+# pylint: disable=wrong-import-position
+# (qtrain.recipes.papers.<paper>; the other parts stay there.)
+from qtrain.recipes.papers.luq import fnt_schedule, luq  # noqa: E402
+from qtrain.recipes.papers.ultra_low import ultra_low  # noqa: E402
+from qtrain.recipes.papers.unified_int8 import unified_int8  # noqa: E402
+from qtrain.recipes.papers.da_int8 import da_int8  # noqa: E402
+from qtrain.recipes.papers.wageubn import wageubn  # noqa: E402
+
+__all__ += ['luq', 'fnt_schedule', 'ultra_low', 'unified_int8', 'da_int8', 'wageubn']

@@ -122,7 +122,7 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
     TypeError / ValueError: bad options (naming them).
 
   Examples:
-    >>> from qtrain.recipes.unified_int8 import unified_int8
+    >>> from qtrain.recipes.papers.unified_int8 import unified_int8
     >>> r = unified_int8()
     >>> [rule.module_path for rule in r.rules]
     ['stem|head', '.*', '.*']

@@ -113,7 +113,7 @@ def da_int8(*, lam: float = gvq.LAMBDA, k: float = gvq.K,
     TypeError / ValueError: bad options (naming them).
 
   Examples:
-    >>> from qtrain.recipes.da_int8 import da_int8
+    >>> from qtrain.recipes.papers.da_int8 import da_int8
     >>> r = da_int8()
     >>> r.rules[1].config.drhs.rhs.granularity
     PerChannel(axes=None)

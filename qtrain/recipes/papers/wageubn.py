@@ -2,31 +2,32 @@
 
 What goes where (papers-1-4.md §3, official code `yang-yk/wageubn`):
 
-| paper quantity          | here                                                            |
-|-------------------------|-----------------------------------------------------------------|
-| W: C(Q(W, 8), 8)        | rules: `fwd.rhs` = fixed8.7 (saturating), every layer but first/last |
-| A: Q(A, 8), unclipped   | rules: `fwd.lhs` = 7 fraction bits in a 16-bit container        |
-| E2 on conv outputs      | `prepare_model`: hook wrapper, `error_identity(flag=True)` on the output; the dY slots `dlhs.lhs`/`drhs.rhs` carry the E2 values as exact 16-bit integer codes (one shared sample) |
-| E1 on conv inputs       | `prepare_model`: `error_identity(flag=False)` on the layer input |
-| BN (16/16/8/8/8 bits)   | `prepare_model`: `qtrain.batchnorm.swap_batch_norm`             |
-| weight decay 1e-4       | `gradient_transforms[0]`, in the gradient, BN γ/β excluded      |
-| G (8-bit, SR, K=128)    | `gradient_transforms[1]`: `quantize_gradients` (γ/β: Q(g, 15))  |
-| SGD, momentum 0.25      | `optimizer(lr)`: `wageubn_sgd` (10-bit LR, 13-bit momentum)     |
-| U: weights Q(w, 24)     | `optimizer_transforms[0]`: `fixed_point_params`                 |
-| first conv, last FC     | float everywhere (rule config=None, float gradients/momentum/weights) |
+| paper quantity        | here                                                           |
+|-----------------------|----------------------------------------------------------------|
+| W: C(Q(W, 8), 8)      | rules `fwd.rhs`: fixed8.7 (saturating); all but first/last     |
+| A: Q(A, 8), unclipped | rules `fwd.lhs`: 7 fraction bits in a 16-bit container         |
+| E2 on layer outputs   | `prepare_model`: `error_identity(flag=True)` on the output; the |
+|                       | dY slots carry the E2 values as exact int16 codes (shared)     |
+| E1 on layer inputs    | `prepare_model`: `error_identity(flag=False)` on the input     |
+| BN (16/16/8/8/8 bits) | `prepare_model`: `qtrain.batchnorm.swap_batch_norm`            |
+| weight decay 1e-4     | `gradient_transforms[0]`, in the gradient, BN γ/β excluded     |
+| G (8-bit, SR, K=128)  | `gradient_transforms[1]`: `quantize_gradients` (γ/β: Q(g, 15)) |
+| SGD, momentum 0.25    | `optimizer(lr)`: `wageubn_sgd` (10-bit LR, 13-bit momentum)    |
+| U: weights Q(w, 24)   | `optimizer_transforms[0]`: `fixed_point_params`                |
+| first conv, last FC   | float: rule config=None, float gradients/momentum/weights      |
 
 Usage (NNX): the recipe's rules cannot replace BatchNorm layers nor wrap a
-layer's input and output, so one extra call follows `quantize_model`:
+layer's input and output; the recipe's `prepare_model` does that, and
+`quantize_model(model, recipe)` calls it after installing the rules:
 
     model = qtrain.models.LeNet(batch_norm=True, rngs=nnx.Rngs(0))
     recipe = qtrain.recipes.wageubn()
-    qtrain.quantize_model(model, recipe)
-    prepare_model(model)                          # BN swap + E1/E2
-    tx = recipe.wrap_optimizer(recipe.optimizer(0.05))
+    qtrain.quantize_model(model, recipe)          # rules, then BN swap + E1/E2
+    tx = recipe.wrap_optimizer(recipe.optimizer(recipe.default_lr))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-Call `prepare_model` again after any later `quantize_model` on the model
-(re-quantizing installs plain hooks). Linen models use
+Quantizing with bare rules (`quantize_model(model, recipe.rules)`) skips
+it: call `prepare_model(model)` yourself then (it is idempotent). Linen models use
 `qtrain.batchnorm.LinenQuantizedBatchNorm` and `qtrain.wageubn.error_identity`
 in their definition instead.
 
@@ -326,7 +327,7 @@ def prepare_model(model: nnx.Module, *, e1_bits: int = 8, e2_bits: int = 8,
   Examples:
     >>> from flax import nnx
     >>> import qtrain
-    >>> from qtrain.recipes.wageubn import prepare_model, wageubn
+    >>> from qtrain.recipes.papers.wageubn import prepare_model, wageubn
     >>> model = qtrain.models.LeNet(batch_norm=True, rngs=nnx.Rngs(0))
     >>> model = prepare_model(qtrain.quantize_model(model, wageubn()))
     >>> type(model.conv2.conv_general_dilated).__name__, type(model.stem_bn).__name__
@@ -369,14 +370,15 @@ def wageubn(*, weight_bits: int = 8, activation_bits: int = 8, grad_bits: int = 
   unclipped: a 16-bit container) × W (C(Q(W, 8), 8)), and its backward GEMMs
   on the E2-quantized error (carried as int16 codes; one sample shared by
   both GEMMs) with the forward codes reused. E1, E2 and the quantized BN
-  need `prepare_model(model)` after `quantize_model` (see the module doc);
-  without it the dY slots are a 16-bit quantizer, not E2.
+  come from `prepare_model(model)`, which `quantize_model(model, recipe)`
+  runs after the rules (see the module doc); with bare rules and without
+  it the dY slots are a 16-bit quantizer, not E2.
 
   Optimizer side: weight decay and G before the base optimizer, the base
   optimizer `recipe.optimizer(lr)` (SGD momentum 0.25, 10-bit LR, 13-bit
   momentum), 24-bit weight storage after it. Train with
   `recipe.wrap_optimizer(recipe.optimizer(lr))`; the paper uses lr 0.05 at
-  batch 64 on ImageNet. Because G drops the gradient's magnitude, the step is
+  batch 64 on ImageNet (`recipe.default_lr`). Because G drops the gradient's magnitude, the step is
   about lr·K/16384 per weight regardless of the loss scale.
 
   Args:
@@ -400,7 +402,7 @@ def wageubn(*, weight_bits: int = 8, activation_bits: int = 8, grad_bits: int = 
     TypeError / ValueError: bad widths or options (named).
 
   Examples:
-    >>> from qtrain.recipes.wageubn import wageubn
+    >>> from qtrain.recipes.papers.wageubn import wageubn
     >>> r = wageubn()
     >>> r.rules[0].module_path, r.rules[0].config
     ('stem|head', None)
@@ -436,10 +438,9 @@ def wageubn(*, weight_bits: int = 8, activation_bits: int = 8, grad_bits: int = 
                                 momentum_bits=momentum_bits, float_layers=float_layers)
   functools.update_wrapper(optimizer, wageubn_sgd)
   return Recipe(name='wageubn', rules=rules, gradient_transforms=tuple(grads),
-                optimizer=optimizer,
+                optimizer=optimizer, default_lr=0.05, prepare_model=prepare_model,
                 optimizer_transforms=(fixed_point_params(bits=update_bits,
                                                          float_layers=float_layers),),
                 description='WAGEUBN (Yang et al. 2020): 8-bit fixed-point W/A/BN, E1/E2 '
                             'shift errors, G constant scaling + SR, 13-bit momentum, 24-bit '
-                            'weights, 10-bit LR; call prepare_model(model) after '
-                            'quantize_model')
+                            'weights, 10-bit LR; BN swap and E1/E2 by prepare_model')

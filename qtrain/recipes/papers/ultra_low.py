@@ -167,7 +167,7 @@ def ultra_low(*, two_phase_rounding: bool = True, float_layers: str | None = 'st
     TypeError: a non-bool `two_phase_rounding` or a non-string regex.
 
   Examples:
-    >>> from qtrain.recipes.ultra_low import ultra_low
+    >>> from qtrain.recipes.papers.ultra_low import ultra_low
     >>> r = ultra_low()
     >>> [rule.module_path for rule in r.rules], r.rules[-1].config.drhs.rhs.format.name
     (['stem|head', '(.*/)?depthwise', '.*'], 'log4_fp4_odd')

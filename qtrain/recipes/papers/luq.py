@@ -109,7 +109,7 @@ def fnt_schedule(*, final_lr: float, base_lr: float, steps: int) -> optax.Schedu
     ValueError: negative LRs or steps < 2.
 
   Examples:
-    >>> from qtrain.recipes.luq import fnt_schedule
+    >>> from qtrain.recipes.papers.luq import fnt_schedule
     >>> s = fnt_schedule(final_lr=0.0, base_lr=1.0, steps=4)
     >>> [float(s(t)) for t in range(5)]
     [0.0, 0.5, 1.0, 0.5, 0.0]
@@ -175,7 +175,7 @@ def luq(*, smp: int = 1, fnt: int = 0, float_layers: str | None = 'stem|head') -
     TypeError, ValueError: bad option values.
 
   Examples:
-    >>> from qtrain.recipes.luq import luq
+    >>> from qtrain.recipes.papers.luq import luq
     >>> r = luq(smp=2, fnt=100)
     >>> r.name, r.float_last_steps, r.rules[1].config.dlhs.lhs.samples
     ('luq', 100, 2)
