@@ -95,7 +95,9 @@ def fnt_schedule(*, final_lr: float, base_lr: float, steps: int) -> optax.Schedu
   Use it for the last `fnt` steps of a run with `recipe.float_last_steps =
   fnt`, e.g. `optax.join_schedules([main, fnt_schedule(final_lr=main(total -
   fnt), base_lr=lr0, steps=fnt)], [total - fnt])`, and switch the model to
-  `recipe.rules_at(step, total)` at step `total - fnt`.
+  `recipe.rules_at(step, total)` at step `total - fnt`. `qtrain.train`
+  switches the rules but keeps its constant LR: with LR_T = LR_base the
+  rise-and-fall is flat, so that is this schedule for a constant-LR run.
 
   Args:
     final_lr: LR_T >= 0.
