@@ -357,7 +357,10 @@ def train(config: TrainConfig, *, out_dir: str | None = None,
     extra = ckpt.read_extra(ckpt_dir, start) or {}
     evals = list(extra.get('evals', []))
     losses = [tuple(x) for x in extra.get('losses', [])]
-    _truncate_metrics(metrics_path, start)
+  if resume and metrics_path:
+    # Records of the interrupted run after its last checkpoint (all of them
+    # when it never wrote one) are written again by this run.
+    _truncate_metrics(metrics_path, start or 0)
 
   train_step = make_train_step(task.loss)
   final_start = total - recipe.float_last_steps if recipe.float_last_steps else None
