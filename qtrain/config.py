@@ -76,7 +76,8 @@ class TensorConfig:
       object.__setattr__(self, 'calibration', scaling.FixedScale(value=self.format.step))
     if not isinstance(self.calibration, (scaling.AbsMax, scaling.MinMax, scaling.Sawb,
                                          scaling.FixedScale, scaling.Lsq,
-                                         scaling.CustomCalibration)):
+                                         scaling.CustomCalibration,
+                                         scaling.StatefulCalibration)):
       raise TypeError(f'calibration must be a qtrain.scaling calibration, got '
                       f'{self.calibration!r}.')
     if not isinstance(self.granularity, (scaling.PerTensor, scaling.PerChannel,
@@ -153,6 +154,13 @@ class DotConfig:
           fwd_rule.samples > 1):
         raise ValueError(f'{name}=REUSE cannot reuse a forward rule with samples > 1 (an '
                          'average of samples is not on the grid); give a residual rule.')
+    for name in ('fwd.lhs', 'fwd.rhs', 'dlhs.rhs', 'drhs.lhs'):
+      gemm, side = name.split('.')
+      rule = getattr(getattr(self, gemm), side)
+      if isinstance(rule, TensorConfig) and isinstance(rule.calibration,
+                                                       scaling.StatefulCalibration):
+        raise ValueError(f'{name}: a StatefulCalibration is only supported in the dY slots '
+                         '(dlhs.lhs, drhs.rhs), where the backward pass carries its state.')
     if self.share_gradient_sample:
       if self.dlhs.lhs != self.drhs.rhs:
         raise ValueError('share_gradient_sample=True needs dlhs.lhs == drhs.rhs (one rule, '
@@ -168,3 +176,20 @@ class DotConfig:
     rules = (self.fwd.lhs, self.fwd.rhs, self.dlhs.lhs, self.dlhs.rhs, self.drhs.lhs,
              self.drhs.rhs)
     return any(isinstance(r, TensorConfig) and r.stochastic for r in rules)
+
+  @property
+  def stateful_slots(self) -> tuple[str, ...]:
+    """The backward GEMMs ('dlhs', 'drhs') whose dY rule is a StatefulCalibration.
+
+    These are the keys of the `grad_state` dict `qtrain.dot_general` needs.
+    With share_gradient_sample one sample (and one state) serves both GEMMs:
+    only 'dlhs'.
+    """
+    slots = []
+    for gemm, rule in (('dlhs', self.dlhs.lhs), ('drhs', self.drhs.rhs)):
+      if isinstance(rule, TensorConfig) and isinstance(rule.calibration,
+                                                       scaling.StatefulCalibration):
+        slots.append(gemm)
+    if self.share_gradient_sample:
+      slots = [s for s in slots if s == 'dlhs']
+    return tuple(slots)

@@ -12,6 +12,16 @@ contracted axes (a per-channel weight scale in dX = dY·Wᵀ) cannot factor out 
 that GEMM, so it is folded into dY before dY is quantized: the GEMM still runs
 on the forward codes.
 
+Per-layer state (`grad_state`): a dY rule whose calibration is a
+`scaling.StatefulCalibration` (DA-INT8's EMA clip, UI8's periodic clip
+search) computes its scale from dY and a state kept from the previous step.
+The state is a primal argument that the forward ignores; the backward pass
+computes the new state from the dY it quantizes and returns it as that
+argument's *cotangent* (the "overwrite with gradient" pattern of flax's fp8
+ops): `jax.grad` w.r.t. the state gives the next step's state. Hence: the
+state must be float32; a layer used twice in one loss gets the *sum* of its
+two new states (not supported); a layer outside the loss gets zeros.
+
 The PRNG key is an ordinary primal argument with a `None` cotangent (a key in
 `nondiff_argnums` fails under jit). Each operand slot draws from
 `fold_in(key, slot)`: 0/1 forward lhs/rhs, 2 dY for dX, 3 W residual, 4 X
@@ -37,7 +47,8 @@ from qtrain.contraction import ConvOp, DotOp, move_scale
 from qtrain.qarray import QArray
 from qtrain.quantize import check_float, quantize
 
-__all__ = ['dot_general', 'conv_general_dilated', 'gemm_dtypes']
+__all__ = ['dot_general', 'conv_general_dilated', 'gemm_dtypes', 'dot_general_grad_state',
+           'conv_general_dilated_grad_state']
 
 _SLOT = {'fwd.lhs': 0, 'fwd.rhs': 1, 'dlhs.lhs': 2, 'dlhs.rhs': 3, 'drhs.lhs': 4, 'drhs.rhs': 5}
 
@@ -113,13 +124,80 @@ def resolve_rule(rule: cfgs.TensorConfig, kept: tuple[int, ...], ndim: int,
   return rule
 
 
-def _quantize_samples(x, rule, key, slot: str, kept, where: str) -> list[QArray]:
+def _quantize_samples(x, rule, key, slot: str, kept, where: str, scale=None) -> list[QArray]:
   rule = resolve_rule(rule, kept, x.ndim, where)
   k = None if key is None else jax.random.fold_in(key, _SLOT[slot])
   if rule.samples == 1:
-    return [quantize(x, rule, key=k)]
+    return [quantize(x, rule, key=k, scale=scale)]
   one = dataclasses.replace(rule, samples=1)
-  return [quantize(x, one, key=jax.random.fold_in(k, i)) for i in range(rule.samples)]
+  return [quantize(x, one, key=jax.random.fold_in(k, i), scale=scale)
+          for i in range(rule.samples)]
+
+
+def _is_stateful(rule) -> bool:
+  return isinstance(rule, cfgs.TensorConfig) and isinstance(rule.calibration,
+                                                            scaling.StatefulCalibration)
+
+
+def _quantize_grad(g, rule, key, slot: str, kept, state):
+  """Quantized samples of dY and the dY rule's new state (None if stateless)."""
+  if not _is_stateful(rule):
+    return _quantize_samples(g, rule, key, slot, kept, slot), None
+  resolved = resolve_rule(rule, kept, g.ndim, slot)
+  expected = jax.eval_shape(lambda: resolved.calibration.init_state(g.shape,
+                                                                    resolved.granularity))
+  got = jax.tree.map(lambda v: jax.ShapeDtypeStruct(jnp.shape(v), jnp.float32), state)
+  want = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32), expected)
+  if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
+    raise ValueError(f'{slot}: grad_state does not fit dY of shape {g.shape}: expected '
+                     f'{want}, got {got} (the state is made for one dY shape; a different '
+                     'batch size under a per-sample dY rule needs a new state).')
+  g32 = jax.lax.stop_gradient(g).astype(jnp.float32)
+  scale, zero_point, new_state = resolved.calibration.compute(
+      g32, resolved.format, resolved.granularity, state)
+  if zero_point is not None:
+    raise NotImplementedError(f'{slot}: {type(rule.calibration).__name__} returned a zero '
+                              'point; stateful calibrations must be symmetric for now.')
+  # The state travels out as a cotangent: keep its structure and dtypes exactly.
+  new_state = jax.tree.map(lambda new, old: jnp.asarray(new, jnp.float32).reshape(
+      jnp.shape(old)), new_state, state)
+  return _quantize_samples(g, rule, key, slot, kept, slot, scale=scale), new_state
+
+
+def _init_grad_state(op, cfg: cfgs.DotConfig, out_shape) -> dict:
+  """{gemm: calibration.init_state(dY shape, resolved granularity)} of cfg's stateful slots."""
+  state = {}
+  for gemm in cfg.stateful_slots:
+    rule = cfg.dlhs.lhs if gemm == 'dlhs' else cfg.drhs.rhs
+    slot = 'dlhs.lhs' if gemm == 'dlhs' else 'drhs.rhs'
+    resolved = resolve_rule(rule, op.grad_kept(gemm), len(out_shape), slot)
+    # Concrete even when called under a trace: the state is a model variable.
+    with jax.ensure_compile_time_eval():
+      init = resolved.calibration.init_state(tuple(out_shape), resolved.granularity)
+      state[gemm] = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), init)
+  return state
+
+
+def _check_grad_state(cfg: cfgs.DotConfig, grad_state) -> None:
+  slots = cfg.stateful_slots
+  if not slots:
+    if grad_state is not None:
+      raise ValueError('grad_state was given but the config has no StatefulCalibration dY '
+                       'rule; pass grad_state=None.')
+    return
+  if grad_state is None:
+    raise ValueError(f'config has StatefulCalibration dY rules in {slots} and needs their '
+                     "per-layer state: pass grad_state={gemm: state} (initial state from "
+                     'qtrain.dot.dot_general_grad_state / conv_general_dilated_grad_state; '
+                     'NNX hooks keep it for you).')
+  if not isinstance(grad_state, dict) or set(grad_state) != set(slots):
+    keys = sorted(grad_state) if isinstance(grad_state, dict) else type(grad_state).__name__
+    raise ValueError(f'grad_state must be a dict with exactly the keys {sorted(slots)} (the '
+                     f'stateful dY slots of the config), got {keys}.')
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grad_state):
+    if jnp.result_type(leaf) != jnp.float32:
+      raise TypeError(f'grad_state{jax.tree_util.keystr(path)} must be float32 (it returns as '
+                      f'a cotangent), got {jnp.result_type(leaf)}.')
 
 
 def _codes_product(run, a: QArray, b: QArray, op) -> jax.Array:
@@ -191,8 +269,9 @@ def _residual(x_float, fwd_q, rule, key, slot: str, kept_bwd, where: str):
   return _quantize_samples(x_float, rule, key, slot, kept_bwd, where)[0]
 
 
-def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out_ndim):
-  """dX (gemm='dlhs') or dW (gemm='drhs') from the float cotangent g."""
+def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out_ndim,
+                   state=None):
+  """(dX (gemm='dlhs') or dW (gemm='drhs'), new dY-rule state or None) from the cotangent g."""
   side = 'rhs' if gemm == 'dlhs' else 'lhs'  # the residual's side in the forward
   residual_scale = None
   if isinstance(residual, QArray) and (grad_rule is not None or shared is not None):
@@ -206,13 +285,15 @@ def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out
                        'per-channel residual scale must be folded into dY per GEMM.')
     else:
       g = g * move_scale(residual.scale, op.kept(side), op.out_dims(side), op.out_ndim)
+  new_state = None
   if grad_rule is None:
     grads = [g]
   elif shared is not None:
     grads = shared
   else:
     slot = 'dlhs.lhs' if gemm == 'dlhs' else 'drhs.rhs'
-    grads = _quantize_samples(g, grad_rule, key, slot, op.grad_kept(gemm), slot)
+    # A stateful rule sees this g: dY with any folded residual scale (above).
+    grads, new_state = _quantize_grad(g, grad_rule, key, slot, op.grad_kept(gemm), state)
   transpose = op.transpose_lhs if gemm == 'dlhs' else op.transpose_rhs
   run_codes = lambda a, b, pref: transpose(a, b, precision=None, preferred=pref)
   run_float = lambda a, b, pref: transpose(a, b, precision=opts.precision, preferred=pref)
@@ -227,37 +308,50 @@ def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out
     else:  # at least one float operand: dequantize, multiply in float
       d = _mixed_product(run_float, gq, residual)
     acc = d if acc is None else acc + d
-  return acc / len(grads)
+  return acc / len(grads), new_state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _qcontract(lhs, rhs, key, op, cfg, opts):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _qcontract(lhs, rhs, key, grad_state, op, cfg, opts):
+  del grad_state  # the forward does not use it
   return _forward(lhs, rhs, key, op, cfg, opts)[0]
 
 
-def _qcontract_fwd(lhs, rhs, key, op, cfg, opts):
+def _qcontract_fwd(lhs, rhs, key, grad_state, op, cfg, opts):
   y, (lq, rq) = _forward(lhs, rhs, key, op, cfg, opts)
   keep_lhs = lq is None or not isinstance(cfg.drhs.lhs, cfgs.Reuse)
   keep_rhs = rq is None or not isinstance(cfg.dlhs.rhs, cfgs.Reuse)
   res = (lq, rq, lhs if keep_lhs else None, rhs if keep_rhs else None, key,
-         jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype))
+         jnp.zeros((0,), lhs.dtype), jnp.zeros((0,), rhs.dtype), grad_state)
   return y, res
 
 
 def _qcontract_bwd(op, cfg, opts, res, g):
-  lq, rq, lhs, rhs, key, lhs_tag, rhs_tag = res
+  lq, rq, lhs, rhs, key, lhs_tag, rhs_tag, grad_state = res
+  state = grad_state or {}
+  new_state = {}
   g = g.astype(jnp.float32)
   shared = None
   if cfg.share_gradient_sample and cfg.dlhs.lhs is not None:
-    shared = _quantize_samples(g, cfg.dlhs.lhs, key, 'dlhs.lhs', op.grad_kept('dlhs'),
-                               'dlhs.lhs')
+    shared, new = _quantize_grad(g, cfg.dlhs.lhs, key, 'dlhs.lhs', op.grad_kept('dlhs'),
+                                 state.get('dlhs'))
+    if new is not None:
+      new_state['dlhs'] = new
   with jax.named_scope('qtrain/dlhs'):
     w = _residual(rhs, rq, cfg.dlhs.rhs, key, 'dlhs.rhs', (), 'dlhs.rhs')
-    dlhs = _backward_gemm(op, 'dlhs', g, cfg.dlhs.lhs, w, key, shared, opts, op.lhs_ndim)
+    dlhs, new = _backward_gemm(op, 'dlhs', g, cfg.dlhs.lhs, w, key, shared, opts, op.lhs_ndim,
+                               state.get('dlhs'))
+    if new is not None:
+      new_state['dlhs'] = new
   with jax.named_scope('qtrain/drhs'):
     x = _residual(lhs, lq, cfg.drhs.lhs, key, 'drhs.lhs', (), 'drhs.lhs')
-    drhs = _backward_gemm(op, 'drhs', g, cfg.drhs.rhs, x, key, shared, opts, op.rhs_ndim)
-  return dlhs.astype(lhs_tag.dtype), drhs.astype(rhs_tag.dtype), None
+    drhs, new = _backward_gemm(op, 'drhs', g, cfg.drhs.rhs, x, key, shared, opts, op.rhs_ndim,
+                               state.get('drhs'))
+    if new is not None:
+      new_state['drhs'] = new
+  # The new state is the state's cotangent ("overwrite with gradient").
+  state_ct = None if grad_state is None else new_state
+  return dlhs.astype(lhs_tag.dtype), drhs.astype(rhs_tag.dtype), None, state_ct
 
 
 _qcontract.defvjp(_qcontract_fwd, _qcontract_bwd)
@@ -266,19 +360,63 @@ _qcontract.defvjp(_qcontract_fwd, _qcontract_bwd)
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
-def _check_common(lhs, rhs, config, key):
+def _check_common(lhs, rhs, config, key, grad_state=None):
   check_float(lhs, 'lhs')
   check_float(rhs, 'rhs')
   if config is not None and not isinstance(config, cfgs.DotConfig):
     raise TypeError(f'config must be a qtrain.DotConfig or None, got {config!r}.')
   if config is not None and config.needs_key and key is None:
     raise ValueError('key is required: config has a stochastic rule (got key=None).')
+  if config is None and grad_state is not None:
+    raise ValueError('grad_state was given but config is None (nothing is quantized).')
+  if config is not None:
+    _check_grad_state(config, grad_state)
+
+
+def _check_dot_dims(lhs, rhs, dimension_numbers) -> None:
+  (lc, rc), (lb, rb) = dimension_numbers
+  for name, dl, dr in (('contracting', lc, rc), ('batch', lb, rb)):
+    if len(dl) != len(dr):
+      raise ValueError(f'dimension_numbers: lhs and rhs {name} dimensions differ in number: '
+                       f'{tuple(dl)} vs {tuple(dr)}.')
+    for a, b in zip(dl, dr):
+      if lhs.shape[a] != rhs.shape[b]:
+        raise ValueError(f'{name} dimensions do not match: lhs.shape[{a}]={lhs.shape[a]} vs '
+                         f'rhs.shape[{b}]={rhs.shape[b]} (lhs {lhs.shape}, rhs {rhs.shape}).')
+
+
+def _dot_op(lhs, rhs, dimension_numbers) -> DotOp:
+  _check_dot_dims(lhs, rhs, dimension_numbers)
+  return DotOp.create(dimension_numbers, lhs.ndim, rhs.ndim)
+
+
+def dot_general_grad_state(lhs, rhs, dimension_numbers, *, config: cfgs.DotConfig) -> dict | None:
+  """The initial `grad_state` of `dot_general(lhs, rhs, dimension_numbers, config=config)`.
+
+  Args:
+    lhs, rhs: the operands (arrays or anything with .shape/.ndim, e.g.
+      `jax.ShapeDtypeStruct`); only shapes are read.
+    dimension_numbers: as in `dot_general`.
+    config: the layer's DotConfig.
+
+  Returns:
+    None if no dY rule of `config` is a `scaling.StatefulCalibration`, else
+    {gemm: state} for `config.stateful_slots`: concrete float32 arrays (also
+    when called under a trace), from each calibration's `init_state`.
+  """
+  if not config.stateful_slots:
+    return None
+  op = _dot_op(lhs, rhs, dimension_numbers)
+  out = jax.eval_shape(functools.partial(lax.dot_general, dimension_numbers=dimension_numbers),
+                       jax.ShapeDtypeStruct(lhs.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(rhs.shape, jnp.float32))
+  return _init_grad_state(op, config, out.shape)
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                 precision=None, preferred_element_type=None, *,
                 config: cfgs.DotConfig | None = None, key: jax.Array | None = None,
-                out_sharding=None) -> jax.Array:
+                out_sharding=None, grad_state: dict | None = None) -> jax.Array:
   """`lax.dot_general` with quantized forward and backward GEMMs.
 
   Same positional signature as `jax.lax.dot_general`, so it can be passed as
@@ -295,33 +433,32 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
     key: PRNG key (typed or legacy), required if any rule is stochastic. Fold
       in step and layer; never reuse a key across steps.
     out_sharding: sharding of the output, forwarded to the forward GEMM.
+    grad_state: per-layer state of the config's `StatefulCalibration` dY
+      rules, {gemm: state} for `config.stateful_slots` (initial value:
+      `dot_general_grad_state`); None when the config has none. The forward
+      ignores it; its *gradient* is the new state, computed in the backward
+      pass from this step's dY (module doc).
 
   Returns:
     The contraction, shape as `lax.dot_general`'s. Gradients flow to lhs and
-    rhs through the quantized backward GEMMs; the key gets none.
+    rhs through the quantized backward GEMMs; the key gets none; grad_state
+    gets its next value.
 
   Raises:
-    TypeError: non-float operands or a bad config.
-    ValueError: missing key, or contracting/batch dimensions of different sizes.
+    TypeError: non-float operands, a bad config, a non-float32 state.
+    ValueError: missing key, contracting/batch dimensions of different sizes,
+      or a grad_state missing, unexpected or of the wrong keys/shapes.
   """
-  _check_common(lhs, rhs, config, key)
+  _check_common(lhs, rhs, config, key, grad_state)
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-  (lc, rc), (lb, rb) = dimension_numbers
-  for name, dl, dr in (('contracting', lc, rc), ('batch', lb, rb)):
-    if len(dl) != len(dr):
-      raise ValueError(f'dimension_numbers: lhs and rhs {name} dimensions differ in number: '
-                       f'{tuple(dl)} vs {tuple(dr)}.')
-    for a, b in zip(dl, dr):
-      if lhs.shape[a] != rhs.shape[b]:
-        raise ValueError(f'{name} dimensions do not match: lhs.shape[{a}]={lhs.shape[a]} vs '
-                         f'rhs.shape[{b}]={rhs.shape[b]} (lhs {lhs.shape}, rhs {rhs.shape}).')
+  _check_dot_dims(lhs, rhs, dimension_numbers)
   if config is None:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type,
                            out_sharding=out_sharding)
   op = DotOp.create(dimension_numbers, lhs.ndim, rhs.ndim)
   opts = _Options(precision, preferred_element_type, out_sharding)
-  return _qcontract(lhs, rhs, key, op, config, opts)
+  return _qcontract(lhs, rhs, key, grad_state, op, config, opts)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
@@ -329,7 +466,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None, *,
                          config: cfgs.DotConfig | None = None, key: jax.Array | None = None,
-                         out_sharding=None, int_carrier: str = 'auto') -> jax.Array:
+                         out_sharding=None, int_carrier: str = 'auto',
+                         grad_state: dict | None = None) -> jax.Array:
   """`lax.conv_general_dilated` with quantized forward and backward convolutions.
 
   Same signature as `jax.lax.conv_general_dilated` plus `config` and `key`
@@ -354,17 +492,27 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
       'auto' (default): 'float32' on the CPU backend, where XLA's int8
       convolutions run 10-25x slower than float32 ones (benchmarks/RESULTS.md),
       'native' elsewhere.
+    grad_state: state of the config's stateful dY rules (see `dot_general`;
+      initial value: `conv_general_dilated_grad_state`).
 
   Returns:
     The convolution output.
   """
-  _check_common(lhs, rhs, config, key)
+  _check_common(lhs, rhs, config, key, grad_state)
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   if config is None:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,
         out_sharding=out_sharding)
+  op = _conv_op(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count, batch_group_count, int_carrier)
+  opts = _Options(precision, preferred_element_type, out_sharding)
+  return _qcontract(lhs, rhs, key, grad_state, op, config, opts)
+
+
+def _conv_op(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+             feature_group_count, batch_group_count, int_carrier) -> ConvOp:
   nsp = lhs.ndim - 2
   lhs_dilation = tuple(lhs_dilation or (1,) * nsp)
   rhs_dilation = tuple(rhs_dilation or (1,) * nsp)
@@ -379,5 +527,31 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding
   op = ConvOp(tuple(window_strides), tuple(tuple(p) for p in pads), lhs_dilation, rhs_dilation,
               dn, feature_group_count, batch_group_count, tuple(lhs.shape), tuple(rhs.shape),
               int_carrier)
-  opts = _Options(precision, preferred_element_type, out_sharding)
-  return _qcontract(lhs, rhs, key, op, config, opts)
+  return op
+
+
+def conv_general_dilated_grad_state(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                    rhs_dilation=None, dimension_numbers=None,
+                                    feature_group_count: int = 1, batch_group_count: int = 1,
+                                    *, config: cfgs.DotConfig) -> dict | None:
+  """The initial `grad_state` of `conv_general_dilated(...)` with these arguments.
+
+  Args:
+    lhs, rhs: the operands (only `.shape`/`.ndim` are read).
+    window_strides ... batch_group_count: as in `conv_general_dilated`.
+    config: the layer's DotConfig.
+
+  Returns:
+    None if `config` has no stateful dY rule, else {gemm: state} (concrete
+    float32 arrays; see `dot_general_grad_state`).
+  """
+  if not config.stateful_slots:
+    return None
+  op = _conv_op(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count, batch_group_count, 'float32')
+  out = jax.eval_shape(
+      lambda a, b: lax.conv_general_dilated(a, b, window_strides, padding, lhs_dilation,
+                                            rhs_dilation, dimension_numbers,
+                                            feature_group_count, batch_group_count),
+      jax.ShapeDtypeStruct(lhs.shape, jnp.float32), jax.ShapeDtypeStruct(rhs.shape, jnp.float32))
+  return _init_grad_state(op, config, out.shape)

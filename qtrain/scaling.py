@@ -10,8 +10,10 @@ Two independent choices, both frozen data:
   `AbsMax` (symmetric, optional power-of-two), `MinMax` (asymmetric with zero
   point), `Sawb` (statistics-aware weight binning), `FixedScale` (a constant,
   e.g. a fixed-point step), `Lsq` (a learned step passed in by the caller),
-  or a subclass of `CustomCalibration` (a paper's own clip rule, e.g. a
-  clip searched per step).
+  a subclass of `CustomCalibration` (a paper's own clip rule, e.g. a
+  clip searched per step), or a subclass of `StatefulCalibration` (a rule
+  whose state is carried across training steps; backward dY slots of a
+  `DotConfig` only, see `qtrain.dot.dot_general`'s `grad_state`).
 
 Scales have the input's rank (size 1 on the reduced axes; `n_blocks` on a block
 axis) so they broadcast against the input, or against it after
@@ -42,7 +44,8 @@ from qtrain import formats as fmts
 
 __all__ = [
     'PerTensor', 'PerChannel', 'PerBlock', 'Granularity', 'AbsMax', 'MinMax', 'Sawb',
-    'FixedScale', 'Lsq', 'CustomCalibration', 'Calibration', 'group_reduce', 'expand_scale',
+    'FixedScale', 'Lsq', 'CustomCalibration', 'StatefulCalibration', 'Calibration',
+    'group_reduce', 'expand_scale',
     'guard_zero', 'compute_scale', 'lsq_fake_quant', 'SAWB_COEFFICIENTS',
 ]
 
@@ -180,7 +183,55 @@ class CustomCalibration:
     raise NotImplementedError(f'{type(self).__name__} must implement compute().')
 
 
-Calibration = Union[AbsMax, MinMax, Sawb, FixedScale, Lsq, CustomCalibration]
+class StatefulCalibration:
+  """Base class of calibrations with per-layer state carried across steps.
+
+  A paper rule such as DA-INT8's EMA clip or UI8's periodic clip search
+  computes this step's scale from this step's tensor *and* a state kept
+  from the previous step, and returns the updated state. Subclass it as a
+  frozen, keyword-only dataclass (configs are static, hashed by jit) and
+  implement `init_state` and `compute`.
+
+  Where it can be used: only in the dY slots of a `DotConfig`
+  (`dlhs.lhs`, `drhs.rhs`). `qtrain.dot_general`/`conv_general_dilated`
+  take the state as `grad_state` and hand the updated state out as that
+  argument's cotangent (the NNX hooks keep it in a
+  `qtrain.nnx_hooks.GradState` variable). `compute_scale` and `quantize`
+  cannot call it (they have no state) and raise.
+
+  State rules: a pytree of float32 arrays (a cotangent carries it out of
+  the backward pass, and integer inputs have no cotangent values, so a
+  counter is a float32 count, exact up to 2^24 steps); all-zero must mean
+  "no update yet" (a layer that took no part in a step's loss gets a zero
+  cotangent, i.e. its state is reset to zeros).
+  """
+  __slots__ = ()
+
+  def init_state(self, shape: tuple[int, ...], granularity: Granularity) -> dict:
+    """The state before the first step for tensors of `shape`.
+
+    Args:
+      shape: the shape of the tensor quantized (dY).
+      granularity: the resolved granularity (PerChannel axes concrete).
+
+    Returns:
+      A pytree of float32 arrays (see the class doc).
+    """
+    raise NotImplementedError(f'{type(self).__name__} must implement init_state().')
+
+  def compute(self, x: jax.Array, fmt: fmts.Format, granularity: Granularity, state
+              ) -> tuple[jax.Array, jax.Array | None, dict]:
+    """Returns (scale, zero_point or None, new_state) of float32 `x`.
+
+    The scale follows `CustomCalibration`'s conventions (group shape,
+    zero-guard, non-finite kept); zero_point must be None for now (the dot
+    passes the scale to `quantize`, which has no zero-point input).
+    """
+    raise NotImplementedError(f'{type(self).__name__} must implement compute().')
+
+
+Calibration = Union[AbsMax, MinMax, Sawb, FixedScale, Lsq, CustomCalibration,
+                    StatefulCalibration]
 
 
 def _normalize_axes(axes, ndim: int, name: str = 'axes') -> tuple[int, ...]:
@@ -303,6 +354,11 @@ def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,
     raise ValueError('Lsq calibration needs the learned step: pass scale=... to quantize.')
   if isinstance(calibration, CustomCalibration):
     return calibration.compute(x32, fmt, granularity)
+  if isinstance(calibration, StatefulCalibration):
+    raise ValueError(f'{type(calibration).__name__} is a StatefulCalibration: it needs its '
+                     'per-layer state, which only the dY slots of a DotConfig receive (pass '
+                     'grad_state to qtrain.dot_general, or call calibration.compute(x, fmt, '
+                     'granularity, state) yourself).')
   raise TypeError(f'calibration must be AbsMax, MinMax, Sawb, FixedScale, Lsq or a '
                   f'CustomCalibration, got {calibration!r}.')
 
