@@ -175,6 +175,11 @@ def _apply(entry: _NnxSite, decision: _matching.Decision, rngs: nnx.Rngs) -> Non
   if decision.config is not None:
     hook = spec.hook_type(decision.config, rngs=rngs, name=entry.site.path,
                           original=entry.original)
+    old = getattr(module, spec.attr)
+    if (isinstance(old, spec.hook_type) and old.config == decision.config and
+        getattr(old, 'grad_state', None) is not None):
+      # Same rule re-applied: keep the per-layer gradient state it has built up.
+      hook.grad_state = nnx.data(old.grad_state)
     setattr(module, spec.attr, nnx.data(hook))
   elif isinstance(getattr(module, spec.attr), spec.hook_type):
     # Re-quantized as float: put flax's op back, static as it was.

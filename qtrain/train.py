@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from qtrain import checkpoint as ckpt
 from qtrain import data as qdata
+from qtrain import nnx_hooks
 from qtrain import recipes as recipe_registry
 from qtrain import tasks as task_registry
 from qtrain.model import quantize_model
@@ -175,16 +176,32 @@ def make_train_step(loss_fn):
   """An `nnx.jit` step (model, optimizer, batch) -> (loss, correct, counted).
 
   `loss_fn(model, batch) -> (loss, (correct, counted))`; the gradient is taken
-  with respect to the optimizer's `wrt` variables (nnx.Param).
+  with respect to the optimizer's `wrt` variables (nnx.Param). A model with
+  stateful backward quantizers (`qtrain.nnx_hooks.GradState`) is also
+  differentiated w.r.t. its GradState variables, whose "gradients" (the new
+  per-layer states) are written back into the model; the optimizer sees only
+  the Params. Missing GradStates are created before the first step from the
+  batch's shapes (`nnx_hooks.init_grad_state`), outside jit.
   """
 
   @nnx.jit
   def train_step(model, optimizer, batch):
-    (loss, (correct, count)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-    optimizer.update(model, grads)
+    if nnx_hooks.has_grad_state(model):  # static: the model's structure
+      wrt = nnx.DiffState(0, nnx_hooks.GRAD_STATE_WRT)
+      (loss, (correct, count)), grads = nnx.value_and_grad(
+          loss_fn, argnums=wrt, has_aux=True)(model, batch)
+      nnx_hooks.apply_grad_state(model, grads)
+    else:
+      (loss, (correct, count)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+    optimizer.update(model, grads)  # filters its own `wrt` (Params) out of grads
     return loss, correct, count
 
-  return train_step
+  def step(model, optimizer, batch):
+    if nnx_hooks.missing_grad_state(model):
+      nnx_hooks.init_grad_state(loss_fn, model, batch)
+    return train_step(model, optimizer, batch)
+
+  return step
 
 
 def evaluate(model, loss_fn, parts, batch_size: int, sharding=None) -> tuple[float, float]:
@@ -339,6 +356,10 @@ def train(config: TrainConfig, *, out_dir: str | None = None,
                             **_model_overrides(config))
   step = start or 0
   apply_recipe(model, recipe, min(step, total - 1), total, rngs=nnx.Rngs(quant=config.seed + 1))
+  # Stateful backward quantizers: create their state now, so that it is
+  # replicated below and a checkpoint can be restored into it.
+  nnx_hooks.init_grad_state(task.loss, model,
+                            tuple(p[:config.batch_size] for p in data.train))
   optimizer = nnx.Optimizer(model, recipe.wrap_optimizer(_base_optimizer(recipe, lr)),
                             wrt=nnx.Param)
 

@@ -22,16 +22,19 @@ from flax import nnx
 import qtrain
 from qtrain import data as qdata
 from qtrain import models
+from qtrain import nnx_hooks
 from qtrain.train import apply_recipe
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
   """accuracy: test accuracy in [0, 1]; losses: per-step training losses;
-  init_grads: {param path: gradient} of the first batch at initialisation."""
+  init_grads: {param path: gradient} of the first batch at initialisation;
+  model: the trained model (e.g. to read its `nnx_hooks.GradState`)."""
   accuracy: float
   losses: np.ndarray
   init_grads: dict
+  model: object = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +77,11 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   def train_step(model, opt, x, y):
-    loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+    # Stateful backward quantizers: differentiate w.r.t. their GradState too
+    # and write the new state back; the optimizer filters out the Params.
+    loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx_hooks.GRAD_STATE_WRT))(
+        model, x, y)
+    nnx_hooks.apply_grad_state(model, grads)
     opt.update(model, grads)
     return loss
 
@@ -83,6 +90,7 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
   order = [rng.integers(0, len(xtr), batch_size) for _ in range(steps)]
 
   x0, y0 = jnp.asarray(xtr[order[0]]), jnp.asarray(ytr[order[0]])
+  nnx_hooks.init_grad_state(_loss, model, x0, y0)
   grads = nnx.grad(_loss)(model, x0, y0)
   init_grads = {'/'.join(map(str, path)): np.asarray(v)
                 for path, v in nnx.to_flat_state(nnx.state(grads, nnx.Param))}
@@ -93,12 +101,14 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
   for step, idx in enumerate(order):
     if step == final_start:
       apply_recipe(model, recipe, step, steps)
+      nnx_hooks.init_grad_state(_loss, model, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]))
       step_fn = nnx.jit(train_step)
     losses.append(float(step_fn(model, opt, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]))))
   model.eval()
   logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(xte))
   accuracy = float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(yte)))
-  return Outcome(accuracy=accuracy, losses=np.asarray(losses), init_grads=init_grads)
+  return Outcome(accuracy=accuracy, losses=np.asarray(losses), init_grads=init_grads,
+                 model=model)
 
 
 def max_relative_grad_difference(a: Outcome, b: Outcome) -> float:
