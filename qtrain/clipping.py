@@ -16,6 +16,7 @@ gradient are shortened, never below β of the schedule.
 | `CosineClip`          | the search as a `scaling.CustomCalibration` (DotConfig rules)  |
 | `cosine_clip`         | DSGC quantizer, the uniform `fn(x, key, *, bits, ...)` form    |
 | `cosine_clip_init/update` | UI8's periodic clip update as a pure state -> state step   |
+| `PeriodicCosineClip`  | the periodic update as a `scaling.StatefulCalibration`         |
 | `deviation_lr_scale`  | φ(d) = max(exp(-α d), β)                                       |
 | `scale_by_deviation`  | DCLRS as an optax transform fed with per-layer d               |
 
@@ -26,7 +27,9 @@ configs, so nothing can flow out of its backward pass):
   searches periodically and reuses the clip in between, to save compute; the
   per-step search costs `num_candidates` extra quantize-and-reduce passes
   over every gradient tensor and follows the gradient without lag. The
-  periodic version is `cosine_clip_update` (tested, not threaded into the dot).
+  periodic version is `PeriodicCosineClip` (state carried across steps
+  through the backward pass; `unified_int8(period=...)`), the same step as
+  the pure `cosine_clip_update`.
 * DCLRS wants each layer's d from its DSGC search. `scale_by_deviation` takes
   those d as an extra argument of `update`; nothing produces them inside
   `qtrain.dot_general` yet. `qtrain.recipes.unified_int8()` therefore uses
@@ -66,7 +69,8 @@ from qtrain.quantize import check_float, fake_quant
 
 __all__ = [
     'cosine_distance', 'candidate_ratios', 'cosine_clip_search', 'CosineClip', 'cosine_clip',
-    'CosineClipState', 'cosine_clip_init', 'cosine_clip_update', 'deviation_lr_scale',
+    'CosineClipState', 'cosine_clip_init', 'cosine_clip_update', 'PeriodicCosineClip',
+    'deviation_lr_scale',
     'scale_by_deviation', 'symmetric_int',
 ]
 
@@ -389,17 +393,59 @@ def cosine_clip_update(state: CosineClipState, g: jax.Array, *, period: int = PE
   fmt = symmetric_int(bits)
   _check_search(num_candidates, min_ratio)
   g32 = jax.lax.stop_gradient(jnp.asarray(g)).astype(jnp.float32)
+  clip, deviation = _periodic_step(state.clip, state.count, g32, fmt, granularity, period,
+                                   num_candidates, min_ratio)
+  return CosineClipState(clip=clip, deviation=deviation, count=state.count + 1)
+
+
+def _periodic_step(clip, count, g32, fmt, granularity, period, num_candidates, min_ratio):
+  """(clip, deviation) after one periodic update (checked args; count int or float)."""
 
   def search():
     return cosine_clip_search(g32, fmt, granularity, num_candidates=num_candidates,
                               min_ratio=min_ratio)
 
   def keep():
-    q = _codes(g32, state.clip, fmt, granularity)
-    return state.clip, cosine_distance(g32, q, granularity)
+    q = _codes(g32, clip, fmt, granularity)
+    return clip, cosine_distance(g32, q, granularity)
 
-  clip, deviation = jax.lax.cond(state.count % period == 0, search, keep)
-  return CosineClipState(clip=clip, deviation=deviation, count=state.count + 1)
+  return jax.lax.cond(count % period == 0, search, keep)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PeriodicCosineClip(scaling.StatefulCalibration):
+  """UI8's periodic DSGC as a stateful calibration of a dY slot.
+
+  State per layer: {'clip', 'deviation' (float32, group shape), 'count'
+  (float32 scalar)}; all zeros = no update yet, so the first step searches.
+  Each backward pass runs `cosine_clip_update`'s step on the dY it quantizes
+  (a search every `period` steps, otherwise the kept clip and its measured
+  deviation d) and quantizes with the new clip. The per-layer d is UI8's
+  input of `scale_by_deviation`.
+
+  Attributes:
+    period: steps between searches (UI8: `PERIOD`).
+    num_candidates, min_ratio: the search grid (`candidate_ratios`).
+  """
+  period: int = PERIOD
+  num_candidates: int = NUM_CANDIDATES
+  min_ratio: float = MIN_RATIO
+
+  def __post_init__(self):
+    if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
+      raise ValueError(f'period={self.period!r} must be an int >= 1.')
+    _check_search(self.num_candidates, self.min_ratio)
+
+  def init_state(self, shape, granularity):
+    zeros = jnp.zeros(_group_max(jnp.zeros(shape, jnp.float32), granularity).shape, jnp.float32)
+    return {'clip': zeros, 'deviation': zeros, 'count': jnp.zeros((), jnp.float32)}
+
+  def compute(self, x, fmt, granularity, state):
+    clip, deviation = _periodic_step(state['clip'], state['count'], x.astype(jnp.float32), fmt,
+                                     granularity, self.period, self.num_candidates,
+                                     self.min_ratio)
+    new_state = {'clip': clip, 'deviation': deviation, 'count': state['count'] + 1.0}
+    return scaling.guard_zero(clip) / fmt.absmax_target, None, new_state
 
 
 # ----------------------------------------------------------------- DCLRS

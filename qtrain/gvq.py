@@ -18,16 +18,19 @@ each channel follows the Magnitude-aware Clipping Strategy (MCS):
 | `MagnitudeAwareClip`          | the same as a `scaling.CustomCalibration`       |
 | `gvq`                         | GVQ quantizer, uniform `fn(x, key, *, bits)`    |
 | `magnitude_aware_clip_init/update` | MCS with its EMA, pure state -> state     |
+| `MagnitudeAwareClipEMA`       | the EMA as a `scaling.StatefulCalibration`      |
 
-What is and is not wired: the quantized dot is a pure `custom_vjp` with
-static configs, so the EMA state s_{t-1} cannot flow in and out of its
-backward pass. `MagnitudeAwareClip` (used by `qtrain.recipes.da_int8()`)
-therefore computes the clip from the current gradient alone: the EMA's fixed
-point for the current max, s = max|g|/k, for inverted-T channels. With the
-paper's k = 1 that is max|g| for every channel, i.e. the per-step rule is
-per-channel absmax and the distribution test changes nothing; the paper's
-temporal smoothing (and any k != 1 effect across steps) lives only in
-`magnitude_aware_clip_update`, tested but not threaded.
+Two ways to run MCS inside the quantized dot:
+
+* `MagnitudeAwareClipEMA` (the default of `qtrain.recipes.da_int8()`): the
+  paper's EMA, with s_{t-1} carried across steps as per-layer state through
+  the backward pass (`qtrain.dot_general`'s `grad_state`; NNX models keep it
+  in `qtrain.nnx_hooks.GradState` variables). Same update as
+  `magnitude_aware_clip_update`.
+* `MagnitudeAwareClip`: stateless, the clip from the current gradient alone:
+  the EMA's fixed point for the current max, s = max|g|/k, for inverted-T
+  channels. With the paper's k = 1 that is max|g| for every channel, i.e.
+  per-channel absmax.
 
 Unverified details (papers-5-8.md §8, paper body not read) and the choices
 made: σ_c is the population standard deviation of the channel's gradient in
@@ -59,7 +62,7 @@ from qtrain.quantize import check_float, fake_quant
 
 __all__ = ['gaussian_like', 'magnitude_aware_clip', 'MagnitudeAwareClip', 'gvq',
            'MagnitudeAwareClipState', 'magnitude_aware_clip_init',
-           'magnitude_aware_clip_update']
+           'magnitude_aware_clip_update', 'MagnitudeAwareClipEMA']
 
 LAMBDA = 0.3
 K = 1.0
@@ -151,8 +154,8 @@ class MagnitudeAwareClip(scaling.CustomCalibration):
   """MCS as a calibration: scale = magnitude_aware_clip(g) / fmt.absmax_target.
 
   Put it with `granularity=scaling.PerChannel()` in the dW GEMM's gradient
-  slot (`DotConfig.drhs.rhs`) for GVQ. Stateless (per step); the EMA is
-  `magnitude_aware_clip_update` (module doc).
+  slot (`DotConfig.drhs.rhs`) for GVQ. Stateless (per step); the paper's EMA
+  is `MagnitudeAwareClipEMA` (module doc).
 
   Attributes:
     lam: distribution-test threshold λ (DA-INT8: 0.3).
@@ -259,7 +262,7 @@ def magnitude_aware_clip_update(state: MagnitudeAwareClipState, g: jax.Array, *,
   (1 - k·a)·s_{t-1} + a·max|g_t| (max|g_t| at the first update). Quantize the
   step's gradient with `gvq(g, clip=new_state.clip, axis=axis)`.
 
-  Not wired into `qtrain.dot_general` (module doc).
+  Inside the dot the same step runs as `MagnitudeAwareClipEMA`.
 
   Args:
     state: from `magnitude_aware_clip_init` or the previous update.
@@ -279,8 +282,62 @@ def magnitude_aware_clip_update(state: MagnitudeAwareClipState, g: jax.Array, *,
   k = _check_real('k', k, 0.0, math.inf, open_lo=True)
   a = _check_real('a', a, 0.0, 1.0)
   granularity = scaling.PerChannel(axes=(axis,))
-  amax, frac = _stats(jax.lax.stop_gradient(jnp.asarray(g)).astype(jnp.float32), granularity)
-  ema = (1.0 - k * a) * state.clip + a * amax
-  clip = jnp.where((frac > lam) | (state.count == 0), amax, ema)
-  clip = jnp.where(jnp.isfinite(amax), clip, jnp.nan)
+  g32 = jax.lax.stop_gradient(jnp.asarray(g)).astype(jnp.float32)
+  clip = _mcs_step(state.clip, state.count, g32, granularity, lam=lam, k=k, a=a)
   return MagnitudeAwareClipState(clip=clip, count=state.count + 1)
+
+
+def _mcs_step(clip, count, g32, granularity, *, lam, k, a) -> jax.Array:
+  """s_t of every group from s_{t-1} = clip after `count` updates (checked args)."""
+  amax, frac = _stats(g32, granularity)
+  ema = (1.0 - k * a) * clip + a * amax
+  # No s_{t-1} before the first update: take max|g| (module doc).
+  new = jnp.where((frac > lam) | (count == 0), amax, ema)
+  return jnp.where(jnp.isfinite(amax), new, jnp.nan)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MagnitudeAwareClipEMA(scaling.StatefulCalibration):
+  """MCS with the paper's EMA as a stateful calibration of a dY slot.
+
+  State per layer: {'clip': s_{t-1} of each group (float32, group shape),
+  'count': updates so far (float32 scalar)}; all zeros = no update yet.
+  Each backward pass runs `magnitude_aware_clip_update`'s step on the dY it
+  quantizes and quantizes with the *new* clip: scale = s_t / absmax_target.
+  Put it with `granularity=scaling.PerChannel()` in `DotConfig.drhs.rhs`
+  (GVQ); the dot then needs `grad_state` (NNX hooks hold it).
+
+  Attributes:
+    lam: distribution-test threshold λ (DA-INT8: 0.3).
+    k: MCS constant (DA-INT8: 1).
+    a: EMA weight A (DA-INT8: 0.8).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from qtrain import gvq, scaling, formats
+    >>> cal, gran = gvq.MagnitudeAwareClipEMA(), scaling.PerChannel(axes=(1,))
+    >>> state = cal.init_state((4, 1), gran)
+    >>> g = jnp.array([[0.0], [0.0], [0.0], [4.0]])  # inverted-T: P(|g| > σ) = 0.25
+    >>> _, _, state = cal.compute(g, formats.INT8, gran, state)
+    >>> scale, _, state = cal.compute(g / 4, formats.INT8, gran, state)
+    >>> round(float(state['clip'][0, 0]), 4), float(state['count'])  # 0.2·4 + 0.8·1
+    (1.6, 2.0)
+  """
+  lam: float = LAMBDA
+  k: float = K
+  a: float = A
+
+  def __post_init__(self):
+    _check_real('lam', self.lam, 0.0, 1.0)
+    _check_real('k', self.k, 0.0, math.inf, open_lo=True)
+    _check_real('a', self.a, 0.0, 1.0)
+
+  def init_state(self, shape, granularity):
+    group = scaling.group_reduce(jnp.zeros(shape, jnp.float32), jnp.sum, granularity)
+    return {'clip': jnp.zeros(group.shape, jnp.float32), 'count': jnp.zeros((), jnp.float32)}
+
+  def compute(self, x, fmt, granularity, state):
+    clip = _mcs_step(state['clip'], state['count'], x.astype(jnp.float32), granularity,
+                     lam=self.lam, k=self.k, a=self.a)
+    new_state = {'clip': clip, 'count': state['count'] + 1.0}
+    return scaling.guard_zero(clip) / fmt.absmax_target, None, new_state

@@ -18,7 +18,8 @@ from qtrain import gvq
 from qtrain import models
 from qtrain import recipes
 from qtrain import scaling
-from qtrain.dot import conv_general_dilated, dot_general
+from qtrain.dot import (conv_general_dilated, conv_general_dilated_grad_state, dot_general,
+                        dot_general_grad_state)
 from qtrain.model import quantize_model
 from qtrain.quantize import fake_quant
 from qtrain.recipes import registry
@@ -58,9 +59,13 @@ def test_defaults_are_the_papers():
   assert config.fwd.lhs == config.fwd.rhs == _INT8
   assert config.dlhs.lhs == cfgs.TensorConfig(format=clipping.symmetric_int(8))  # per tensor
   dw = config.drhs.rhs
-  assert dw.granularity == scaling.PerChannel() and dw.calibration == gvq.MagnitudeAwareClip(
-      lam=0.3, k=1.0)
+  assert dw.granularity == scaling.PerChannel() and dw.calibration == gvq.MagnitudeAwareClipEMA(
+      lam=0.3, k=1.0, a=0.8)
+  assert config.stateful_slots == ('drhs',)
   assert not config.share_gradient_sample
+  stateless = da_int8(ema=False).rules[1].config
+  assert stateless.drhs.rhs.calibration == gvq.MagnitudeAwareClip(lam=0.3, k=1.0)
+  assert stateless.stateful_slots == ()
 
 
 def test_dense_dx_uses_a_per_tensor_gradient_and_dw_uses_gvq():
@@ -69,7 +74,10 @@ def test_dense_dx_uses_a_per_tensor_gradient_and_dw_uses_gvq():
   w = jnp.asarray(rng.normal(size=(16, 9)) * 0.3, jnp.float32)
   g = _per_channel_dy((64, 9))
   dn = (((1,), (0,)), ((), ()))
-  y, vjp = jax.vjp(lambda a, b: dot_general(a, b, dn, config=da_int8_config()), x, w)
+  # The EMA's first step (initial state) is the per-step clip: max|g| per channel.
+  config = da_int8_config()
+  state = dot_general_grad_state(x, w, dn, config=config)
+  y, vjp = jax.vjp(lambda a, b: dot_general(a, b, dn, config=config, grad_state=state), x, w)
   dx, dw = vjp(g)
   xq, wq = fake_quant(x, _INT8), fake_quant(w, _INT8)
   g_tensor = fake_quant(g, _INT8)  # absmax per tensor, nearest
@@ -91,13 +99,21 @@ def test_conv_dw_quantizes_dy_per_output_channel():
   dn = ('NHWC', 'HWIO', 'NHWC')
   conv = lambda a, b, **kw: lax.conv_general_dilated(a, b, (1, 1), 'SAME',
                                                      dimension_numbers=dn, **kw)
+  config = da_int8_config(ema=False)
   _, vjp = jax.vjp(lambda a, b: conv_general_dilated(
-      a, b, (1, 1), 'SAME', dimension_numbers=dn, config=da_int8_config()), x, w)
+      a, b, (1, 1), 'SAME', dimension_numbers=dn, config=config), x, w)
   dx, dw = vjp(g)
   xq, wq = fake_quant(x, _INT8), fake_quant(w, _INT8)
   _, ref_vjp = jax.vjp(conv, xq, wq)
   _rel_close(dw, ref_vjp(gvq.gvq(g, axis=-1))[1])
   _rel_close(dx, ref_vjp(fake_quant(g, _INT8))[0])
+  # The EMA config from its initial state quantizes the same way on its first step.
+  ema = da_int8_config()
+  state = conv_general_dilated_grad_state(x, w, (1, 1), 'SAME', dimension_numbers=dn,
+                                          config=ema)
+  _, vjp_ema = jax.vjp(lambda a, b: conv_general_dilated(
+      a, b, (1, 1), 'SAME', dimension_numbers=dn, config=ema, grad_state=state), x, w)
+  np.testing.assert_array_equal(vjp_ema(g)[1], dw)
 
 
 def test_first_conv_and_classifier_stay_float_and_dense_gemms_are_int8():
@@ -119,7 +135,7 @@ def test_first_conv_and_classifier_stay_float_and_dense_gemms_are_int8():
 @pytest.mark.parametrize('kwargs, err', [
     (dict(lam=-0.1), ValueError), (dict(k=0), ValueError), (dict(lam='0.3'), TypeError),
     (dict(gradient_rounding='up'), ValueError), (dict(keep_float=3), TypeError),
-    (dict(keep_float='['), ValueError)])
+    (dict(keep_float='['), ValueError), (dict(a=1.5), ValueError), (dict(ema=1), TypeError)])
 def test_bad_options(kwargs, err):
   with pytest.raises(err):
     da_int8(**kwargs)

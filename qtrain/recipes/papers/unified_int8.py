@@ -37,7 +37,8 @@ _REPORTED = (
 
 def unified_int8_config(*, gradient_rounding: rnd.Rounding = 'stochastic',
                         num_candidates: int = clipping.NUM_CANDIDATES,
-                        min_ratio: float = clipping.MIN_RATIO) -> cfgs.DotConfig:
+                        min_ratio: float = clipping.MIN_RATIO,
+                        period: int | None = None) -> cfgs.DotConfig:
   """The DotConfig of one UI8 layer.
 
   Forward: X and W on the symmetric INT8 grid [-127, 127], absmax per
@@ -49,6 +50,10 @@ def unified_int8_config(*, gradient_rounding: rnd.Rounding = 'stochastic',
   Args:
     gradient_rounding: 'stochastic' (UI8, [S]) or 'nearest'.
     num_candidates, min_ratio: the clip search grid (`clipping.candidate_ratios`).
+    period: None = search every step (`clipping.CosineClip`, stateless);
+      an int = UI8's periodic search, the clip kept as per-layer state
+      between searches (`clipping.PeriodicCosineClip`; the dot then needs
+      `grad_state`, which NNX hooks hold).
 
   Returns:
     A `DotConfig`.
@@ -56,9 +61,12 @@ def unified_int8_config(*, gradient_rounding: rnd.Rounding = 'stochastic',
   rnd.check_rounding(gradient_rounding)
   int8 = clipping.symmetric_int(8)
   fwd = cfgs.TensorConfig(format=int8)
-  grad = cfgs.TensorConfig(format=int8, rounding=gradient_rounding,
-                           calibration=clipping.CosineClip(num_candidates=num_candidates,
-                                                           min_ratio=min_ratio))
+  if period is None:
+    calibration = clipping.CosineClip(num_candidates=num_candidates, min_ratio=min_ratio)
+  else:
+    calibration = clipping.PeriodicCosineClip(period=period, num_candidates=num_candidates,
+                                              min_ratio=min_ratio)
+  grad = cfgs.TensorConfig(format=int8, rounding=gradient_rounding, calibration=calibration)
   return cfgs.DotConfig(fwd=cfgs.MatmulConfig(lhs=fwd, rhs=fwd),
                         dlhs=cfgs.MatmulConfig(lhs=grad, rhs=cfgs.REUSE),
                         drhs=cfgs.MatmulConfig(lhs=cfgs.REUSE, rhs=grad),
@@ -74,7 +82,8 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
                  num_candidates: int = clipping.NUM_CANDIDATES,
                  min_ratio: float = clipping.MIN_RATIO, lr_scaling: bool = True,
                  alpha: float = clipping.ALPHA, beta: float = clipping.BETA,
-                 keep_float: str = 'stem|head', conv_only: bool = True) -> Recipe:
+                 keep_float: str = 'stem|head', conv_only: bool = True,
+                 period: int | None = None) -> Recipe:
   r"""Unified INT8 training (UI8): INT8 forward and backward with DSGC and DCLRS.
 
   Layers: the module paths matching `keep_float` (the zoo's first conv
@@ -92,9 +101,9 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
 
   Differences from the paper (documented, see `qtrain.clipping`):
 
-  * the clip is searched from each step's gradient (the paper searches
-    periodically and reuses it: less compute). The periodic update is
-    `clipping.cosine_clip_update`, not threaded into the dot.
+  * by default the clip is searched from each step's gradient (the paper
+    searches periodically and reuses it: less compute); `period=...` runs
+    the paper's periodic search with per-layer state.
   * DCLRS's d should be each layer's DSGC deviation of dY from the backward
     pass (`clipping.scale_by_deviation` takes it); nothing hands it out of
     the dot yet, so the proxy measures d by quantizing the parameter's
@@ -114,6 +123,9 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
       float: the first conv and the classifier.
     conv_only: quantize only convolutions (the paper); False also quantizes
       the other dense layers.
+    period: None (default) = the clip is searched every step; an int = UI8's
+      periodic search every `period` steps with the clip kept in between as
+      per-layer state (`clipping.PeriodicCosineClip`; NNX models).
 
   Returns:
     Recipe 'unified_int8'.
@@ -143,7 +155,8 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
       raise TypeError(f'{name} must be a real number, got {value!r}.')
   config = unified_int8_config(gradient_rounding=gradient_rounding,
-                               num_candidates=num_candidates, min_ratio=min_ratio)
+                               num_candidates=num_candidates, min_ratio=min_ratio,
+                               period=period)
   rules = [QuantRule(module_path=keep_float, config=None)]
   if conv_only:
     rules += [QuantRule(module_path='.*', config=config, op_kinds=('conv',)),
@@ -152,8 +165,10 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
     rules += [QuantRule(module_path='.*', config=config)]
   transforms = ()
   if lr_scaling:
+    # The proxy measures d on updates, statelessly, with the per-step search.
     probe = cfgs.TensorConfig(format=clipping.symmetric_int(8),
-                              calibration=config.dlhs.lhs.calibration)
+                              calibration=clipping.CosineClip(num_candidates=num_candidates,
+                                                              min_ratio=min_ratio))
     transforms = (optim.scale_by_quantization_error(probe, alpha=alpha, beta=beta),)
   return Recipe(name='unified_int8', rules=tuple(rules), optimizer_transforms=transforms,
                 description=f'{PAPER}: INT8 fwd/bwd, DSGC per step, DCLRS (update proxy)')
