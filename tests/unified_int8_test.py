@@ -47,10 +47,14 @@ def test_registered_with_paper_formats_and_reported_deltas():
 
 def test_defaults_are_the_papers():
   config = unified_int8().rules[1].config
-  assert config == unified_int8_config()
+  assert config == unified_int8_config(period=clipping.PERIOD)
   g = config.dlhs.lhs
   assert g.format == clipping.symmetric_int(8) and g.rounding == 'stochastic'
-  assert isinstance(g.calibration, clipping.CosineClip)
+  # Searched periodically, the clip kept in between as per-layer state.
+  assert isinstance(g.calibration, clipping.PeriodicCosineClip)
+  assert g.calibration.period == clipping.PERIOD == 100
+  stateless = unified_int8(period=None).rules[1].config.dlhs.lhs
+  assert isinstance(stateless.calibration, clipping.CosineClip)
   assert config.share_gradient_sample and config.drhs.rhs == g
   assert config.fwd.lhs == config.fwd.rhs == _INT8
 

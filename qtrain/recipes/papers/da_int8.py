@@ -81,7 +81,7 @@ def da_int8_config(*, lam: float = gvq.LAMBDA, k: float = gvq.K, a: float = gvq.
 @register('da_int8', paper=PAPER,
           forward='INT8 symmetric, absmax per tensor, RTN (first conv and FC float)',
           backward='INT8: dX GEMM per-tensor dY; dW GEMM per-output-channel dY (GVQ) with '
-                   'the magnitude-aware clip; RTN',
+                   'the magnitude-aware clip (per-layer EMA state); RTN',
           families=('cnn', 'mobilenet'), reported=_REPORTED)
 def da_int8(*, lam: float = gvq.LAMBDA, k: float = gvq.K, a: float = gvq.A,
             gradient_rounding: rnd.Rounding = 'nearest',

@@ -1,8 +1,8 @@
 """Unified INT8 training (Zhu et al., CVPR 2020) as a `Recipe`.
 
 See `unified_int8` for what is quantized how, and `qtrain.clipping` for the
-parts of the paper that are not wired (periodic clip reuse, per-layer LR
-scaling from the backward pass's deviation).
+part of the paper that is not wired (per-layer LR scaling from the backward
+pass's deviation).
 """
 
 from __future__ import annotations
@@ -75,15 +75,16 @@ def unified_int8_config(*, gradient_rounding: rnd.Rounding = 'stochastic',
 
 @register('unified_int8', paper=PAPER,
           forward='INT8 symmetric, absmax per tensor, RTN (first conv and FC float)',
-          backward='INT8 symmetric per tensor, cosine-distance clip (DSGC), SR; one sample '
-                   'for dX and dW; LR scaled by max(exp(-20 d), 0.1)',
+          backward='INT8 symmetric per tensor, cosine-distance clip (DSGC) searched every '
+                   '100 steps, SR; one sample for dX and dW; LR scaled by max(exp(-20 d), 0.1) '
+                   '(proxy d)',
           families=('cnn', 'mobilenet'), reported=_REPORTED)
 def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
                  num_candidates: int = clipping.NUM_CANDIDATES,
                  min_ratio: float = clipping.MIN_RATIO, lr_scaling: bool = True,
                  alpha: float = clipping.ALPHA, beta: float = clipping.BETA,
                  keep_float: str = 'stem|head', conv_only: bool = True,
-                 period: int | None = None) -> Recipe:
+                 period: int | None = clipping.PERIOD) -> Recipe:
   r"""Unified INT8 training (UI8): INT8 forward and backward with DSGC and DCLRS.
 
   Layers: the module paths matching `keep_float` (the zoo's first conv
@@ -101,9 +102,10 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
 
   Differences from the paper (documented, see `qtrain.clipping`):
 
-  * by default the clip is searched from each step's gradient (the paper
-    searches periodically and reuses it: less compute); `period=...` runs
-    the paper's periodic search with per-layer state.
+  * the clip is searched every `period` steps (default `clipping.PERIOD` =
+    100; the paper's period is unconfirmed) and kept in between as per-layer
+    state (NNX models; the loop threads it). `period=None` searches from
+    each step's gradient instead (stateless: needed for Linen models).
   * DCLRS's d should be each layer's DSGC deviation of dY from the backward
     pass (`clipping.scale_by_deviation` takes it); nothing hands it out of
     the dot yet, so the proxy measures d by quantizing the parameter's
@@ -123,9 +125,10 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
       float: the first conv and the classifier.
     conv_only: quantize only convolutions (the paper); False also quantizes
       the other dense layers.
-    period: None (default) = the clip is searched every step; an int = UI8's
-      periodic search every `period` steps with the clip kept in between as
-      per-layer state (`clipping.PeriodicCosineClip`; NNX models).
+    period: UI8's periodic search every `period` steps (default 100) with
+      the clip kept in between as per-layer state
+      (`clipping.PeriodicCosineClip`; NNX models); None = search every step
+      (stateless, `clipping.CosineClip`; works with Linen too).
 
   Returns:
     Recipe 'unified_int8'.
