@@ -41,7 +41,7 @@ from qtrain import rounding as rnd
 from qtrain import scaling
 from qtrain.quantize import check_float, fake_quant
 
-__all__ = ['SawbActivation', 'sawb_activation', 'activation_config', 'pact', 'gradscale',
+__all__ = ['HindsightMax', 'SawbActivation', 'sawb_activation', 'activation_config', 'pact', 'gradscale',
            'gradscale_update', 'hindsight_max', 'luq_hindsight']
 
 
@@ -303,3 +303,41 @@ def luq_hindsight(x: jax.Array, key: jax.Array | None = None, *, bits: int = 4,
   cfg = numerics.luq_config(bits)
   scale = jnp.asarray(max_value, jnp.float32) / cfg.format.absmax_target
   return fake_quant(x, cfg, key=key, scale=scale)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HindsightMax(scaling.StatefulCalibration):
+  """LUQ's in-hindsight max as a stateful calibration of a gradient slot.
+
+  Per layer the state is {'max': m̂_t, 'count': updates so far} (float32
+  scalars; all zeros = no update yet). Step t quantizes with the scale of
+  the estimate m̂_t carried from earlier steps (the first step uses its own
+  max|dY|), so values above it saturate, and hands out
+  m̂_{t+1} = (1 − η)·max|dY_t| + η·m̂_t (`hindsight_max`). The grid is the
+  format's: with `numerics.luq_config`'s LogFormat the top level is m̂_t.
+  Per tensor only.
+
+  Attributes:
+    momentum: η in [0, 1]. LUQ's value (its App. A.5.5) was not available;
+      `qtrain.recipes.luq(hindsight_momentum=...)` makes the caller choose.
+  """
+  momentum: float
+
+  def __post_init__(self):
+    if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not (
+        0 <= self.momentum <= 1):
+      raise ValueError(f'momentum={self.momentum!r} must be a number in [0, 1].')
+
+  def init_state(self, shape, granularity):
+    if not isinstance(granularity, scaling.PerTensor):
+      raise ValueError(f'HindsightMax is per tensor, got {granularity!r}.')
+    return {'max': jnp.zeros((), jnp.float32), 'count': jnp.zeros((), jnp.float32)}
+
+  def compute(self, x, fmt, granularity, state):
+    current = hindsight_max(None, x, momentum=self.momentum)
+    fresh = state['count'] == 0
+    estimate = jnp.where(fresh, current, state['max'])
+    new_max = jnp.where(fresh, current, hindsight_max(state['max'], x, momentum=self.momentum))
+    scale = scaling.guard_zero(estimate) / fmt.absmax_target
+    scale = jnp.reshape(scale, (1,) * x.ndim)  # the group shape of a per-tensor scale
+    return scale, None, {'max': new_max, 'count': state['count'] + 1.0}

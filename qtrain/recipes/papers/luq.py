@@ -14,10 +14,9 @@ samples (each runs its own FP4 GEMMs; both backward GEMMs see the same N
 samples); `fnt=T` switches to high-precision fine-tuning for the last T steps
 (weights stay INT4, everything else float) — pair it with `fnt_schedule`.
 
-In-hindsight max (LUQ §7) needs the previous step's max in the backward pass
-of each layer: state the quantized dot cannot carry today. The pure pieces
-exist (`qtrain.four_bit.hindsight_max`, `qtrain.four_bit.luq_hindsight`) but the
-recipe does not offer the option (see the issue note in `luq`'s docstring).
+In-hindsight max (LUQ §7) is `hindsight_momentum=η`: each layer keeps its
+max estimate as backward state (`qtrain.four_bit.HindsightMax`, threaded by
+`qtrain.train` and any step using `qtrain.nnx_hooks.GRAD_STATE_WRT`).
 
 References:
   Chmiel, Banner, Hoffer, Ben-Yaacov, Soudry, "Accurate Neural Training with
@@ -26,6 +25,8 @@ References:
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import optax
 
@@ -56,20 +57,26 @@ def _weight_rule() -> TensorConfig:
   return TensorConfig(format=fmts.INT4, calibration=scaling.Sawb())
 
 
-def luq_config(*, smp: int = 1) -> DotConfig:
+def luq_config(*, smp: int = 1, hindsight_momentum: float | None = None) -> DotConfig:
   """LUQ's DotConfig for one layer (see the module table).
 
   Args:
     smp: number of LUQ samples averaged (SMP, LUQ §5.1); 1 = plain LUQ.
+    hindsight_momentum: None = α from this step's max|dY|; a number η in
+      [0, 1] = LUQ §7's in-hindsight max (`four_bit.HindsightMax`): α from
+      the estimate carried from earlier steps as per-layer state (NNX hooks).
 
   Returns:
     A DotConfig with share_gradient_sample=True.
 
   Raises:
-    ValueError: smp < 1.
+    ValueError: smp < 1, momentum outside [0, 1].
   """
   _check_count('smp', smp, 1)
   grad = numerics.luq_config(4, smp)
+  if hindsight_momentum is not None:
+    grad = dataclasses.replace(grad, calibration=four_bit.HindsightMax(
+        momentum=hindsight_momentum))
   return DotConfig(fwd=MatmulConfig(lhs=four_bit.activation_config(4), rhs=_weight_rule()),
                    dlhs=MatmulConfig(lhs=grad, rhs=REUSE),
                    drhs=MatmulConfig(lhs=REUSE, rhs=grad),
@@ -145,7 +152,8 @@ def fnt_schedule(*, final_lr: float, base_lr: float, steps: int) -> optax.Schedu
               ReportedDelta(model='BERT-base', dataset='SQuAD', delta_pp=-1.28, metric='F1',
                             source=_SOURCE),
           ))
-def luq(*, smp: int = 1, fnt: int = 0, float_layers: str | None = 'stem|head') -> Recipe:
+def luq(*, smp: int = 1, fnt: int = 0, float_layers: str | None = 'stem|head',
+        hindsight_momentum: float | None = None) -> Recipe:
   """LUQ's recipe (Chmiel et al., ICLR 2023), see the module doc for the GEMMs.
 
   Defaults are the paper's plain "LUQ" column (Table 2). Its best setting is
@@ -158,9 +166,10 @@ def luq(*, smp: int = 1, fnt: int = 0, float_layers: str | None = 'stem|head') -
   signed max is a bug); zero takes its own code beside α·2^0..α·2^7, as in the
   code. Which layers the paper keeps float is not stated in the text we had
   (its App. A.4); the default keeps the first conv and the classifier float.
-  In-hindsight max is not an option: it needs per-layer state across steps in
-  the backward pass, which `qtrain.dot_general` cannot carry;
-  `four_bit.hindsight_max` and `four_bit.luq_hindsight` are its pure parts.
+  In-hindsight max (LUQ §7) is the option `hindsight_momentum=η`: α comes
+  from the max estimate of earlier steps, kept per layer as backward state
+  (`four_bit.HindsightMax`; NNX models, the training loop threads it). The
+  paper's η was not available to us, so there is no default.
 
   Args:
     smp: LUQ samples averaged per gradient (>= 1).
@@ -169,6 +178,8 @@ def luq(*, smp: int = 1, fnt: int = 0, float_layers: str | None = 'stem|head') -
       (`fnt_config`). The training loop should use `fnt_schedule` for them.
     float_layers: regex of the layers kept float (zoo names: 'stem' = first
       conv, 'head' = classifier); None quantizes every layer.
+    hindsight_momentum: None (default) = α from each step's max|dY|; η in
+      [0, 1] = the in-hindsight max with momentum η.
 
   Returns:
     Recipe 'luq'.
@@ -186,7 +197,8 @@ def luq(*, smp: int = 1, fnt: int = 0, float_layers: str | None = 'stem|head') -
   if float_layers is not None and not isinstance(float_layers, str):
     raise TypeError(f'float_layers must be a regex string or None, got {float_layers!r}.')
   head = (QuantRule(module_path=float_layers, config=None),) if float_layers else ()
-  rules = head + (QuantRule(module_path='.*', config=luq_config(smp=smp)),)
+  rules = head + (QuantRule(module_path='.*', config=luq_config(
+      smp=smp, hindsight_momentum=hindsight_momentum)),)
   final = head + (QuantRule(module_path='.*', config=fnt_config()),) if fnt else None
   smp_text = f', SMP x{smp}' if smp > 1 else ''
   fnt_text = f', FNT last {fnt} steps' if fnt else ''
