@@ -104,12 +104,24 @@ def _check_search(num_candidates, min_ratio) -> None:
     raise ValueError(f'min_ratio={min_ratio!r} is out of range; allowed: (0, 1].')
 
 
-def _check_real(name: str, value, lo: float, hi: float) -> float:
+def _check_real(name: str, value, lo: float, hi: float, *, open_lo: bool = False) -> float:
+  """`value` as a float in [lo, hi] ((lo, hi] with open_lo); clear errors otherwise."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f'{name} must be a real number, got {value!r}.')
-  if not (math.isfinite(value) and lo <= value <= hi):
-    raise ValueError(f'{name}={value!r} is out of range; allowed: [{lo}, {hi}].')
+  ok = math.isfinite(value) and (lo < value if open_lo else lo <= value) and value <= hi
+  if not ok:
+    bracket = '(' if open_lo else '['
+    raise ValueError(f'{name}={value!r} is out of range; allowed: {bracket}{lo}, {hi}].')
   return float(value)
+
+
+def _fake_quant_clipped(x: jax.Array, cfg: cfgs.TensorConfig, key, clip) -> jax.Array:
+  """fake_quant(x, cfg) with the scale of an explicit `clip` when given (else cfg's calibration)."""
+  scale = None
+  if clip is not None:
+    check_float(clip, 'clip')
+    scale = scaling.guard_zero(jnp.asarray(clip, jnp.float32)) / cfg.format.absmax_target
+  return fake_quant(x, cfg, key=key, scale=scale)
 
 
 def _group_max(x: jax.Array, granularity: scaling.Granularity) -> jax.Array:
@@ -328,11 +340,7 @@ def cosine_clip(x: jax.Array, key: jax.Array | None = None, *, bits: int = 8,
   calibration = CosineClip(num_candidates=num_candidates, min_ratio=min_ratio)
   cfg = cfgs.TensorConfig(format=fmt, rounding=rounding, calibration=calibration,
                           granularity=_granularity(axis))
-  scale = None
-  if clip is not None:
-    check_float(clip, 'clip')
-    scale = scaling.guard_zero(jnp.asarray(clip, jnp.float32)) / fmt.absmax_target
-  return fake_quant(x, cfg, key=key, scale=scale)
+  return _fake_quant_clipped(x, cfg, key, clip)
 
 
 # ----------------------------------------------------------------- periodic update

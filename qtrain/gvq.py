@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -57,8 +56,9 @@ import jax.numpy as jnp
 from qtrain import config as cfgs
 from qtrain import rounding as rnd
 from qtrain import scaling
-from qtrain.clipping import symmetric_int
-from qtrain.quantize import check_float, fake_quant
+# pylint: disable-next=protected-access
+from qtrain.clipping import _check_real, _fake_quant_clipped, symmetric_int
+from qtrain.quantize import check_float
 
 __all__ = ['gaussian_like', 'magnitude_aware_clip', 'MagnitudeAwareClip', 'gvq',
            'MagnitudeAwareClipState', 'magnitude_aware_clip_init',
@@ -67,16 +67,6 @@ __all__ = ['gaussian_like', 'magnitude_aware_clip', 'MagnitudeAwareClip', 'gvq',
 LAMBDA = 0.3
 K = 1.0
 A = 0.8
-
-
-def _check_real(name: str, value, lo: float, hi: float, *, open_lo: bool = False) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f'{name} must be a real number, got {value!r}.')
-  ok = math.isfinite(value) and (lo < value if open_lo else lo <= value) and value <= hi
-  if not ok:
-    bracket = '(' if open_lo else '['
-    raise ValueError(f'{name}={value!r} is out of range; allowed: {bracket}{lo}, {hi}].')
-  return float(value)
 
 
 def _mean(v, axis, keepdims):
@@ -223,11 +213,7 @@ def gvq(x: jax.Array, key: jax.Array | None = None, *, bits: int = 8, axis: int 
   cfg = cfgs.TensorConfig(format=fmt, rounding=rounding,
                           calibration=MagnitudeAwareClip(lam=lam, k=k),
                           granularity=scaling.PerChannel(axes=(axis,)))
-  scale = None
-  if clip is not None:
-    check_float(clip, 'clip')
-    scale = scaling.guard_zero(jnp.asarray(clip, jnp.float32)) / fmt.absmax_target
-  return fake_quant(x, cfg, key=key, scale=scale)
+  return _fake_quant_clipped(x, cfg, key, clip)
 
 
 # ----------------------------------------------------------------- the EMA (stateful)

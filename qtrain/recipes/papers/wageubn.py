@@ -258,7 +258,20 @@ def wageubn_sgd(learning_rate, *, momentum: float = 0.25, lr_bits: int = 10,
 # ----------------------------------------------------------------- E1/E2 hooks
 
 
-class ErrorQuantizedConv(nnx_hooks.QuantizedConvGeneralDilated):
+class _ErrorQuantized:
+  """Mixin: WAGEUBN's E1 on a hook's input error and E2 on its output error."""
+
+  def __init__(self, config: cfgs.DotConfig, *, rngs: nnx.Rngs, name: str = '',
+               original: Any = None, e1_bits: int = 8, e2_bits: int = 8):
+    super().__init__(config, rngs=rngs, name=name, original=original)
+    self.e1_bits, self.e2_bits = e1_bits, e2_bits
+
+  def __call__(self, lhs, rhs, *args, **kwargs):
+    lhs = wq.error_identity(lhs, bits=self.e1_bits, flag=False)
+    return wq.error_identity(super().__call__(lhs, rhs, *args, **kwargs), bits=self.e2_bits)
+
+
+class ErrorQuantizedConv(_ErrorQuantized, nnx_hooks.QuantizedConvGeneralDilated):
   """`QuantizedConvGeneralDilated` plus WAGEUBN's E1 on the input and E2 on the output.
 
   Backward: the error reaching the layer input (dX) is E1-quantized (the
@@ -270,27 +283,9 @@ class ErrorQuantizedConv(nnx_hooks.QuantizedConvGeneralDilated):
     e1_bits, e2_bits: widths of E1 and E2 (8).
   """
 
-  def __init__(self, config: cfgs.DotConfig, *, rngs: nnx.Rngs, name: str = '',
-               original: Any = None, e1_bits: int = 8, e2_bits: int = 8):
-    super().__init__(config, rngs=rngs, name=name, original=original)
-    self.e1_bits, self.e2_bits = e1_bits, e2_bits
 
-  def __call__(self, lhs, rhs, *args, **kwargs):
-    lhs = wq.error_identity(lhs, bits=self.e1_bits, flag=False)
-    return wq.error_identity(super().__call__(lhs, rhs, *args, **kwargs), bits=self.e2_bits)
-
-
-class ErrorQuantizedDot(nnx_hooks.QuantizedDotGeneral):
+class ErrorQuantizedDot(_ErrorQuantized, nnx_hooks.QuantizedDotGeneral):
   """`QuantizedDotGeneral` plus E1 on the input and E2 on the output (see ErrorQuantizedConv)."""
-
-  def __init__(self, config: cfgs.DotConfig, *, rngs: nnx.Rngs, name: str = '',
-               original: Any = None, e1_bits: int = 8, e2_bits: int = 8):
-    super().__init__(config, rngs=rngs, name=name, original=original)
-    self.e1_bits, self.e2_bits = e1_bits, e2_bits
-
-  def __call__(self, lhs, rhs, *args, **kwargs):
-    lhs = wq.error_identity(lhs, bits=self.e1_bits, flag=False)
-    return wq.error_identity(super().__call__(lhs, rhs, *args, **kwargs), bits=self.e2_bits)
 
 
 _UPGRADE = ((nnx.Conv, 'conv_general_dilated', nnx_hooks.QuantizedConvGeneralDilated,
