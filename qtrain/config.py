@@ -28,7 +28,8 @@ from qtrain import formats as fmts
 from qtrain import rounding as rnd
 from qtrain import scaling
 
-__all__ = ['TensorConfig', 'MatmulConfig', 'DotConfig', 'Reuse', 'REUSE', 'OperandConfig']
+__all__ = ['TensorConfig', 'MatmulConfig', 'DotConfig', 'Reuse', 'REUSE', 'OperandConfig',
+           'GradientEstimator']
 
 _dataclass = dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 
@@ -95,12 +96,64 @@ class TensorConfig:
     return self.rounding == 'stochastic'
 
 
-OperandConfig = Union[TensorConfig, None, Reuse]
+class GradientEstimator:
+  """Base class of dY rules that are more than one quantize-then-GEMM.
+
+  Some papers' backward estimators mix rows, split dY into several low-bit
+  tensors or sample rows: StatQuant's BHQ (`T⁻¹·Q(T·dY)`), the INT4
+  Transformers' bit splitting and leverage-score sampling. Such a rule sits
+  in a dY slot (`dlhs.lhs` or `drhs.rhs`) of a `DotConfig`; the backward pass
+  calls `estimate` and multiplies the returned (dequantized) estimate with
+  the GEMM's residual operand in float32. Every estimator here is linear
+  after its quantization step (a transform applied on the rows of dY, a
+  sum of two code tensors, a 0/1 mask over rows divided by p), so the float
+  GEMM equals, in exact arithmetic, the paper's low-bit GEMM(s) followed by
+  that linear map; the GPU kernels (`pallas_kernels`) run the low-bit form.
+
+  Subclass it as a frozen, keyword-only dataclass (configs are static,
+  hashed by jit) and implement `estimate`. With
+  `DotConfig(share_gradient_sample=True)` both GEMMs call `estimate` with
+  the *same key* (so the same random codes, e.g. the INT4 paper's shared
+  bit-split codes) and their own `gemm` and `residual` (e.g. a different
+  row sampling per GEMM).
+  """
+
+  @property
+  def stochastic(self) -> bool:
+    """True if `estimate` needs a key (the default; override for deterministic rules)."""
+    return True
+
+  def estimate(self, g, key, *, gemm: str, residual, kept: tuple[int, ...]):
+    """Returns the estimate of dY that this GEMM multiplies.
+
+    Args:
+      g: float32 dY, the layer's output gradient (shape of the layer output).
+      key: a PRNG key (None only if `stochastic` is False).
+      gemm: 'dlhs' (dX = dY·Wᵀ) or 'drhs' (dW = Xᵀ·dY).
+      residual: the other operand of this GEMM as float32 values: the
+        (dequantized) weight for 'dlhs', the (dequantized) input for 'drhs',
+        in the forward operand's own shape.
+      kept: the axes of dY that this GEMM does not contract (a scale that
+        varies only along them factors out of the GEMM).
+
+    Returns:
+      float32 array of g.shape: an (unbiased, for the papers' rules)
+      estimate of g made of dequantized low-bit values.
+    """
+    raise NotImplementedError
+
+
+OperandConfig = Union[TensorConfig, None, Reuse, GradientEstimator]
 
 
 def _check_operand(name: str, value, allow_reuse: bool) -> None:
   if value is None or isinstance(value, TensorConfig):
     return
+  if isinstance(value, GradientEstimator):
+    if name in ('lhs', 'rhs', 'dlhs.lhs', 'drhs.rhs'):
+      return
+    raise ValueError(f'{name}: a GradientEstimator is only valid in the dY slots (dlhs.lhs, '
+                     f'drhs.rhs), got {value!r}.')
   if isinstance(value, Reuse):
     if allow_reuse:
       return
@@ -148,6 +201,10 @@ class DotConfig:
     _check_operand('fwd.rhs', self.fwd.rhs, allow_reuse=False)
     _check_operand('dlhs.lhs', self.dlhs.lhs, allow_reuse=False)
     _check_operand('drhs.rhs', self.drhs.rhs, allow_reuse=False)
+    for name, rule in (('dlhs.rhs', self.dlhs.rhs), ('drhs.lhs', self.drhs.lhs)):
+      if isinstance(rule, GradientEstimator):
+        raise ValueError(f'{name}: a GradientEstimator is only valid in the dY slots '
+                         f'(dlhs.lhs, drhs.rhs), got {rule!r}.')
     for fwd_rule, res_rule, name in ((self.fwd.lhs, self.drhs.lhs, 'drhs.lhs'),
                                      (self.fwd.rhs, self.dlhs.rhs, 'dlhs.rhs')):
       if isinstance(res_rule, Reuse) and isinstance(fwd_rule, TensorConfig) and (
@@ -166,7 +223,7 @@ class DotConfig:
         raise ValueError('share_gradient_sample=True needs dlhs.lhs == drhs.rhs (one rule, '
                          f'one sample); got {self.dlhs.lhs!r} and {self.drhs.rhs!r}.')
       g = self.dlhs.lhs
-      if g is not None and not isinstance(g.granularity, scaling.PerTensor):
+      if isinstance(g, TensorConfig) and not isinstance(g.granularity, scaling.PerTensor):
         raise ValueError('share_gradient_sample=True needs a PerTensor gradient rule: a '
                          'per-channel scale of dY cannot factor out of both GEMMs.')
 
@@ -175,7 +232,8 @@ class DotConfig:
     """True if any rule is stochastic (then `key` is required)."""
     rules = (self.fwd.lhs, self.fwd.rhs, self.dlhs.lhs, self.dlhs.rhs, self.drhs.lhs,
              self.drhs.rhs)
-    return any(isinstance(r, TensorConfig) and r.stochastic for r in rules)
+    return any(isinstance(r, (TensorConfig, GradientEstimator)) and r.stochastic
+               for r in rules)
 
   @property
   def stateful_slots(self) -> tuple[str, ...]:

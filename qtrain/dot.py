@@ -270,9 +270,11 @@ def _residual(x_float, fwd_q, rule, key, slot: str, kept_bwd, where: str):
 
 
 def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out_ndim,
-                   state=None):
+                   state=None, share_key=False):
   """(dX (gemm='dlhs') or dW (gemm='drhs'), new dY-rule state or None) from the cotangent g."""
   side = 'rhs' if gemm == 'dlhs' else 'lhs'  # the residual's side in the forward
+  if isinstance(grad_rule, cfgs.GradientEstimator):
+    return _estimated_gemm(op, gemm, g, grad_rule, residual, key, opts, share_key), None
   residual_scale = None
   if isinstance(residual, QArray) and (grad_rule is not None or shared is not None):
     # Both operands will be codes: apply the residual scale after the GEMM if
@@ -311,6 +313,26 @@ def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out
   return acc / len(grads), new_state
 
 
+def _estimated_gemm(op, gemm: str, g, estimator, residual, key, opts, share_key: bool):
+  """dX or dW from a GradientEstimator's dY estimate, multiplied in float32.
+
+  Under share_gradient_sample both GEMMs use the dlhs slot's key, so the
+  estimator draws the same codes for both (see GradientEstimator).
+  """
+  r = residual.dequantize() if isinstance(residual, QArray) else residual
+  r = r.astype(jnp.float32)
+  slot = 'dlhs.lhs' if (gemm == 'dlhs' or share_key) else 'drhs.rhs'
+  k = None if key is None else jax.random.fold_in(key, _SLOT[slot])
+  g_hat = estimator.estimate(g, k, gemm=gemm, residual=r, kept=op.grad_kept(gemm))
+  if jnp.shape(g_hat) != g.shape:
+    raise ValueError(f'{type(estimator).__name__}.estimate returned shape {jnp.shape(g_hat)} '
+                     f'for dY of shape {g.shape}.')
+  transpose = op.transpose_lhs if gemm == 'dlhs' else op.transpose_rhs
+  with jax.named_scope(type(estimator).__name__):
+    return transpose(jnp.asarray(g_hat, jnp.float32), r, precision=opts.precision,
+                     preferred=jnp.float32).astype(jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _qcontract(lhs, rhs, key, grad_state, op, cfg, opts):
   del grad_state  # the forward does not use it
@@ -332,7 +354,7 @@ def _qcontract_bwd(op, cfg, opts, res, g):
   new_state = {}
   g = g.astype(jnp.float32)
   shared = None
-  if cfg.share_gradient_sample and cfg.dlhs.lhs is not None:
+  if cfg.share_gradient_sample and isinstance(cfg.dlhs.lhs, cfgs.TensorConfig):
     shared, new = _quantize_grad(g, cfg.dlhs.lhs, key, 'dlhs.lhs', op.grad_kept('dlhs'),
                                  state.get('dlhs'))
     if new is not None:
@@ -340,13 +362,13 @@ def _qcontract_bwd(op, cfg, opts, res, g):
   with jax.named_scope('qtrain/dlhs'):
     w = _residual(rhs, rq, cfg.dlhs.rhs, key, 'dlhs.rhs', (), 'dlhs.rhs')
     dlhs, new = _backward_gemm(op, 'dlhs', g, cfg.dlhs.lhs, w, key, shared, opts, op.lhs_ndim,
-                               state.get('dlhs'))
+                               state.get('dlhs'), cfg.share_gradient_sample)
     if new is not None:
       new_state['dlhs'] = new
   with jax.named_scope('qtrain/drhs'):
     x = _residual(lhs, lq, cfg.drhs.lhs, key, 'drhs.lhs', (), 'drhs.lhs')
     drhs, new = _backward_gemm(op, 'drhs', g, cfg.drhs.rhs, x, key, shared, opts, op.rhs_ndim,
-                               state.get('drhs'))
+                               state.get('drhs'), cfg.share_gradient_sample)
     if new is not None:
       new_state['drhs'] = new
   # The new state is the state's cotangent ("overwrite with gradient").

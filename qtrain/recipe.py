@@ -83,6 +83,8 @@ def _describe_tensor(t: cfgs.OperandConfig) -> str:
     return 'float'
   if isinstance(t, cfgs.Reuse):
     return 'reuse'
+  if isinstance(t, cfgs.GradientEstimator):
+    return _short_repr(t)
   parts = [t.format.name]
   if t.stochastic:
     parts.append('SR')
