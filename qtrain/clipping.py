@@ -20,8 +20,8 @@ gradient are shortened, never below β of the schedule.
 | `deviation_lr_scale`  | φ(d) = max(exp(-α d), β)                                       |
 | `scale_by_deviation`  | DCLRS as an optax transform fed with per-layer d               |
 
-What is and is not wired (the dot is a pure `custom_vjp` with static
-configs, so nothing can flow out of its backward pass):
+How the parts are wired (state leaves the dot's backward pass only as the
+cotangent of its `grad_state` argument, see `qtrain.dot`):
 
 * `CosineClip` searches the clip *every step* from the current gradient. UI8
   searches periodically and reuses the clip in between, to save compute; the
@@ -30,11 +30,13 @@ configs, so nothing can flow out of its backward pass):
   periodic version is `PeriodicCosineClip` (state carried across steps
   through the backward pass; `unified_int8(period=...)`), the same step as
   the pure `cosine_clip_update`.
-* DCLRS wants each layer's d from its DSGC search. `scale_by_deviation` takes
-  those d as an extra argument of `update`; nothing produces them inside
-  `qtrain.dot_general` yet. `qtrain.recipes.unified_int8()` therefore uses
-  `optim.scale_by_quantization_error` (d measured on each parameter's update)
-  as a proxy.
+* DCLRS wants each layer's d from its DSGC search. With the periodic search
+  each layer's d is part of its gradient state (`PeriodicCosineClip`), and
+  `qtrain.recipes.unified_int8()` hands it to `scale_by_deviation(by_path=
+  True)` through `Recipe.update_args` after every backward pass. With the
+  stateless per-step search (`period=None`) d cannot leave the backward
+  pass, and the recipe falls back to the proxy
+  `optim.scale_by_quantization_error` (d measured on each parameter's update).
 
 Unverified details (papers-1-4.md §4, full text not read) and the choices made:
 the candidate grid (here geometric, from max|g| down to `min_ratio`·max|g|),
@@ -382,8 +384,8 @@ def cosine_clip_update(state: CosineClipState, g: jax.Array, *, period: int = PE
   measure the deviation of `g` under it. Quantize the step's gradient with
   `cosine_clip(g, key, clip=new_state.clip)`.
 
-  Not wired into `qtrain.dot_general` (module doc): threading it needs the
-  state in and out of the backward pass.
+  Inside `qtrain.dot_general` the same step runs as `PeriodicCosineClip`
+  (the state travels through the backward pass as `grad_state`).
 
   Args:
     state: from `cosine_clip_init` or the previous update.
@@ -478,8 +480,20 @@ def deviation_lr_scale(d: jax.Array, *, alpha: float = ALPHA, beta: float = BETA
   return jnp.maximum(jnp.exp(-alpha * d), beta)  # maximum propagates NaN
 
 
-def scale_by_deviation(*, alpha: float = ALPHA,
-                       beta: float = BETA) -> optax.GradientTransformationExtraArgs:
+def _path_names(path) -> tuple[str, ...]:
+  names = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        names.append(str(getattr(k, attr)))
+        break
+    else:
+      names.append(str(k))
+  return tuple(names)
+
+
+def scale_by_deviation(*, alpha: float = ALPHA, beta: float = BETA,
+                       by_path: bool = False) -> optax.GradientTransformationExtraArgs:
   r"""UI8's DCLRS as an optax transform: each layer's update times φ(d) of that layer.
 
   `update(updates, state, params=None, *, deviation)` multiplies every leaf
@@ -487,26 +501,30 @@ def scale_by_deviation(*, alpha: float = ALPHA,
   `deviation` is a pytree that is a *prefix* of `updates` (one d per layer
   subtree, e.g. {'conv2': d, 'fc1': d}) or a single scalar for all leaves:
   UI8's d_c of each layer's gradient clipping (`CosineClipState.deviation`).
-  Chain it *after* the optimizer: scaling the update is scaling the
-  learning rate for any optimizer (momentum, Adam), unlike scaling the
-  gradient before it.
+  With `by_path=True`, `deviation` is instead a flat dict {module path: d}
+  with '/'-joined paths (e.g. {'conv2': d, 'blocks/0/fc': d}, what
+  `qtrain.recipes.papers.unified_int8.layer_deviations` reads from a model's
+  per-layer gradient state): a leaf whose path starts with a key is scaled by
+  that key's φ (the longest key wins); other leaves (layers without a
+  quantized gradient) are left as they are. Chain it *after* the optimizer:
+  scaling the update is scaling the learning rate for any optimizer
+  (momentum, Adam), unlike scaling the gradient before it.
 
-  Not wired: nothing in `qtrain.dot_general` hands out d yet (module doc);
-  a training loop that computes d passes it as
-  `optimizer.update(model, grads, deviation=d)` (optax.chain forwards extra
-  arguments). `optim.scale_by_quantization_error` is the self-contained
-  proxy that measures d on the updates themselves.
+  The training loop passes d as `optimizer.update(model, grads,
+  deviation=d)` (optax.chain forwards extra arguments; `Recipe.update_args`
+  produces them from the model after each backward pass).
 
   Args:
     alpha: decay rate, finite real >= 0 (UI8: 20).
     beta: lower bound of φ, in [0, 1] (UI8: 0.1).
+    by_path: read `deviation` as {module path: d} (see above).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` with `optax.EmptyState`.
 
   Raises:
     TypeError/ValueError: bad alpha/beta; at update, `deviation` missing or
-      not a prefix of `updates`.
+      not a prefix of `updates` (or, with by_path, not a dict of paths).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -519,28 +537,55 @@ def scale_by_deviation(*, alpha: float = ALPHA,
   """
   alpha = _check_real('alpha', alpha, 0.0, math.inf)
   beta = _check_real('beta', beta, 0.0, 1.0)
+  if not isinstance(by_path, bool):
+    raise TypeError(f'by_path must be a bool, got {by_path!r}.')
 
   def init_fn(params):
     del params
     return optax.EmptyState()
 
+  def scale(u, phi):
+    dtype = jnp.result_type(u)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      return u  # counts, keys: not updates to scale
+    # Multiply in float32: φ rounded to bfloat16 first would be off by ~0.4%.
+    return (jnp.asarray(u, jnp.float32) * phi).astype(dtype)
+
+  def phi_of(d):
+    phi = deviation_lr_scale(d, alpha=alpha, beta=beta)
+    if phi.ndim:
+      raise ValueError(f'deviation leaves must be scalars, got shape {phi.shape}.')
+    return phi
+
+  def update_by_path(updates, deviation):
+    if not isinstance(deviation, dict) or not all(isinstance(k, str) for k in deviation):
+      raise ValueError('with by_path=True, deviation must be a dict {module path: d} with '
+                       f"'/'-joined string paths, got {type(deviation).__name__}.")
+    keys = sorted(((tuple(k.split('/')) if k else ()), k) for k in deviation)
+    phis = {k: phi_of(deviation[k]) for k in deviation}
+
+    def one(path, u):
+      names = _path_names(path)
+      best = None
+      for parts, k in keys:
+        if names[:len(parts)] == parts and (best is None or len(parts) > len(best[0])):
+          best = (parts, k)
+      return u if best is None else scale(u, phis[best[1]])
+
+    return jax.tree_util.tree_map_with_path(one, updates)
+
   def update_fn(updates, state, params=None, *, deviation: Any = None, **extra_args):
     del params, extra_args
     if deviation is None:
       raise ValueError('scale_by_deviation needs the per-layer cosine deviations: call '
-                       'update(..., deviation=d) with d a scalar or a prefix tree of updates.')
+                       'update(..., deviation=d) with d a scalar or a prefix tree of updates'
+                       + (' (by_path=True: a dict {module path: d}).' if by_path else '.'))
+    if by_path:
+      return update_by_path(updates, deviation), state
 
     def scale_subtree(d, subtree):
-      phi = deviation_lr_scale(d, alpha=alpha, beta=beta)
-      if phi.ndim:
-        raise ValueError(f'deviation leaves must be scalars, got shape {phi.shape}.')
-      def scale(u):
-        dtype = jnp.result_type(u)
-        if not jnp.issubdtype(dtype, jnp.floating):
-          return u  # counts, keys: not updates to scale
-        # Multiply in float32: φ rounded to bfloat16 first would be off by ~0.4%.
-        return (jnp.asarray(u, jnp.float32) * phi).astype(dtype)
-      return jax.tree.map(scale, subtree)
+      phi = phi_of(d)
+      return jax.tree.map(lambda u: scale(u, phi), subtree)
 
     try:
       return jax.tree.map(scale_subtree, deviation, updates), state

@@ -156,6 +156,12 @@ class Recipe:
       rules are installed, for what rules cannot express (WAGEUBN's
       quantized BatchNorm and error quantizers). `quantize_model(model,
       recipe)` and `qtrain.train` call it; None = nothing to do.
+    update_args: a function of the model returning extra keyword arguments
+      for `optimizer.update(model, grads, **update_args(model))`, read after
+      the backward pass has written the per-layer gradient state (UI8: each
+      layer's DSGC deviation for `clipping.scale_by_deviation`). The
+      training loop (`qtrain.train.make_train_step`) calls it inside the
+      jitted step; None = no extra arguments.
     description: free text, e.g. the paper reference.
   """
   name: str
@@ -167,6 +173,7 @@ class Recipe:
   optimizer: Callable[[float], optax.GradientTransformation] | None = None
   default_lr: float | None = None
   prepare_model: Callable[[Any], Any] | None = None
+  update_args: Callable[[Any], dict] | None = None
   description: str = ''
 
   def __post_init__(self):
@@ -202,6 +209,9 @@ class Recipe:
     if self.prepare_model is not None and not callable(self.prepare_model):
       raise TypeError(f'prepare_model must be a function of the model or None, got '
                       f'{self.prepare_model!r}.')
+    if self.update_args is not None and not callable(self.update_args):
+      raise TypeError(f'update_args must be a function of the model or None, got '
+                      f'{self.update_args!r}.')
     if not isinstance(self.description, str):
       raise TypeError(f'description must be a str, got {self.description!r}.')
 

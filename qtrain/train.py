@@ -172,7 +172,7 @@ class TrainResult:
   model: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
-def make_train_step(loss_fn):
+def make_train_step(loss_fn, *, update_args=None):
   """An `nnx.jit` step (model, optimizer, batch) -> (loss, correct, counted).
 
   `loss_fn(model, batch) -> (loss, (correct, counted))`; the gradient is taken
@@ -181,7 +181,9 @@ def make_train_step(loss_fn):
   differentiated w.r.t. its GradState variables, whose "gradients" (the new
   per-layer states) are written back into the model; the optimizer sees only
   the Params. Missing GradStates are created before the first step from the
-  batch's shapes (`nnx_hooks.init_grad_state`), outside jit.
+  batch's shapes (`nnx_hooks.init_grad_state`), outside jit. `update_args`
+  (a recipe's `Recipe.update_args`) maps the model, after that write, to
+  extra keyword arguments of `optimizer.update` (UI8's per-layer deviations).
   """
 
   @nnx.jit
@@ -193,7 +195,8 @@ def make_train_step(loss_fn):
       nnx_hooks.apply_grad_state(model, grads)
     else:
       (loss, (correct, count)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
-    optimizer.update(model, grads)  # filters its own `wrt` (Params) out of grads
+    extra = update_args(model) if update_args is not None else {}
+    optimizer.update(model, grads, **extra)  # filters its own `wrt` (Params) out of grads
     return loss, correct, count
 
   def step(model, optimizer, batch):
@@ -383,7 +386,7 @@ def train(config: TrainConfig, *, out_dir: str | None = None,
     # when it never wrote one) are written again by this run.
     _truncate_metrics(metrics_path, start or 0)
 
-  train_step = make_train_step(task.loss)
+  train_step = make_train_step(task.loss, update_args=recipe.update_args)
   final_start = total - recipe.float_last_steps if recipe.float_last_steps else None
   pending: list[tuple[int, jax.Array]] = []
   metric_window = [0, 0]
@@ -423,7 +426,7 @@ def train(config: TrainConfig, *, out_dir: str | None = None,
           continue
         if step == final_start:
           apply_recipe(model, recipe, step, total)
-          train_step = make_train_step(task.loss)
+          train_step = make_train_step(task.loss, update_args=recipe.update_args)
         parts = tuple(p[idx] for p in data.train)
         loss, correct, count = train_step(model, optimizer,
                                           task_registry.device_batch(parts, batch_sharding))

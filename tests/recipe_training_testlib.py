@@ -82,7 +82,7 @@ def train_digits_cnn(recipe: qtrain.Recipe, *, steps: int = 100, seed: int = 0,
     loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx_hooks.GRAD_STATE_WRT))(
         model, x, y)
     nnx_hooks.apply_grad_state(model, grads)
-    opt.update(model, grads)
+    opt.update(model, grads, **(recipe.update_args(model) if recipe.update_args else {}))
     return loss
 
   step_fn = nnx.jit(train_step)

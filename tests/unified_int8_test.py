@@ -119,10 +119,12 @@ def test_first_conv_and_classifier_stay_float(conv_only, quantized):
   assert sum(g.quantized for g in found) == 3 * len(quantized)
 
 
-def test_lr_scaling_transform_is_chained_after_the_optimizer():
-  recipe = unified_int8()
+def test_stateless_search_falls_back_to_the_update_proxy():
+  recipe = unified_int8(period=None)
   assert len(recipe.optimizer_transforms) == 1 and not recipe.gradient_transforms
+  assert recipe.update_args is None
   assert unified_int8(lr_scaling=False).optimizer_transforms == ()
+  assert unified_int8(lr_scaling=False).update_args is None
   tx = recipe.wrap_optimizer(optax.sgd(0.1))
   params = {'w': jnp.asarray(np.random.default_rng(3).standard_t(2, 512), jnp.float32)}
   state = tx.init(params)
@@ -130,6 +132,54 @@ def test_lr_scaling_transform_is_chained_after_the_optimizer():
   phi = float(state[-1].last_scale['w'])
   assert 0.1 <= phi < 1.0
   np.testing.assert_allclose(updates['w'], -0.1 * phi * params['w'], rtol=1e-6)
+
+
+def test_lr_scaling_uses_each_layers_backward_deviation():
+  """DCLRS with d from each layer's DSGC state: conv2's update is scaled, float layers not."""
+  from qtrain.recipes.papers import unified_int8 as ui8_module
+  from qtrain import nnx_hooks
+  recipe = unified_int8(period=1, conv_only=False)
+  assert recipe.update_args is ui8_module.deviation_update_args
+  x = jnp.asarray(training.digits_images()[0][:32])
+  y = jnp.asarray(training.digits_images()[1][:32])
+  loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  model = quantize_model(_lenet(), recipe.rules, rngs=nnx.Rngs(quant=1))
+  assert ui8_module.layer_deviations(model) == {}  # no state yet: nothing scaled
+  nnx_hooks.init_grad_state(loss, model)
+  grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx_hooks.GRAD_STATE_WRT))(model)
+  nnx_hooks.apply_grad_state(model, grads)
+  devs = ui8_module.layer_deviations(model)
+  assert sorted(devs) == ['conv2', 'fc1']
+  for name in devs:
+    state = getattr(model, name)
+    hook = state.conv_general_dilated if name == 'conv2' else state.dot_general
+    expected = float(hook.grad_state_value()['dlhs']['deviation'].mean())
+    assert float(devs[name]) == expected and 0.0 < expected < 0.5
+  lr = 0.1
+  opt = nnx.Optimizer(model, recipe.wrap_optimizer(optax.sgd(lr)), wrt=nnx.Param)
+  before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  g = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(grads, nnx.Param))}
+  opt.update(model, grads, **recipe.update_args(model))
+  after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  for path in before:
+    layer = path[0]
+    phi = (float(clipping.deviation_lr_scale(devs[layer])) if layer in devs else 1.0)
+    np.testing.assert_allclose(after[path] - before[path], -lr * phi * g[path], rtol=2e-5,
+                               atol=1e-7, err_msg=str(path))
+  assert any(float(clipping.deviation_lr_scale(d)) < 1.0 for d in devs.values())
+
+
+def test_scale_by_deviation_by_path_matches_the_longest_module_prefix():
+  tx = clipping.scale_by_deviation(by_path=True)
+  u = {'a': {'b': jnp.ones(2), 'c': jnp.ones(2)}, 'd': jnp.ones(2)}
+  out, _ = tx.update(u, tx.init(u), deviation={'a': 0.0, 'a/c': 0.5})
+  np.testing.assert_allclose(out['a']['b'], 1.0)
+  np.testing.assert_allclose(out['a']['c'], 0.1, rtol=1e-6)
+  np.testing.assert_allclose(out['d'], 1.0)
+  with pytest.raises(ValueError, match='by_path'):
+    tx.update(u, tx.init(u), deviation=[0.1])
+  with pytest.raises(ValueError, match='by_path'):
+    tx.update(u, tx.init(u))
 
 
 @pytest.mark.parametrize('kwargs, err', [

@@ -1,8 +1,7 @@
 """Unified INT8 training (Zhu et al., CVPR 2020) as a `Recipe`.
 
 See `unified_int8` for what is quantized how, and `qtrain.clipping` for the
-part of the paper that is not wired (per-layer LR scaling from the backward
-pass's deviation).
+clipping (DSGC) and learning-rate scaling (DCLRS) parts.
 """
 
 from __future__ import annotations
@@ -10,15 +9,19 @@ from __future__ import annotations
 import numbers
 import re
 
+import jax.numpy as jnp
+from flax import nnx
+
 from qtrain import clipping
 from qtrain import config as cfgs
+from qtrain import nnx_hooks
 from qtrain import optim
 from qtrain import rounding as rnd
 from qtrain.recipe import Recipe
 from qtrain.recipes.registry import ReportedDelta, register
 from qtrain.rules import QuantRule
 
-__all__ = ['unified_int8', 'unified_int8_config']
+__all__ = ['unified_int8', 'unified_int8_config', 'layer_deviations', 'deviation_update_args']
 
 PAPER = ('Zhu et al., "Towards Unified INT8 Training for Convolutional Neural Network", '
          'CVPR 2020, arXiv:1912.12607')
@@ -73,11 +76,45 @@ def unified_int8_config(*, gradient_rounding: rnd.Rounding = 'stochastic',
                         share_gradient_sample=True)
 
 
+def layer_deviations(model) -> dict[str, jnp.ndarray]:
+  """Each quantized layer's current DSGC deviation d, read from its gradient state.
+
+  Args:
+    model: an NNX model whose hooks use `clipping.PeriodicCosineClip` dY
+      rules (the default `unified_int8()`), after at least one backward pass
+      has written their state (`qtrain.nnx_hooks.apply_grad_state`).
+
+  Returns:
+    {'/'-joined module path of the layer (the hook's parent): d}, d a float32
+    scalar (the mean over the rule's scale groups; one group per tensor in
+    UI8). The dX slot's state is read when both backward GEMMs have one.
+    Layers whose state does not exist yet or holds no 'deviation' are left
+    out (their updates are not scaled). Works inside `nnx.jit`.
+  """
+  out = {}
+  for path, hook in nnx.iter_modules(model):
+    if not isinstance(hook, nnx_hooks.HOOK_TYPES):
+      continue
+    state = hook.grad_state_value()
+    if not state:
+      continue
+    slot = state.get('dlhs', state.get('drhs'))
+    if not isinstance(slot, dict) or 'deviation' not in slot:
+      continue
+    out['/'.join(map(str, path[:-1]))] = jnp.mean(slot['deviation'])
+  return out
+
+
+def deviation_update_args(model) -> dict:
+  """`Recipe.update_args` of UI8: {'deviation': layer_deviations(model)}."""
+  return {'deviation': layer_deviations(model)}
+
+
 @register('unified_int8', paper=PAPER,
           forward='INT8 symmetric, absmax per tensor, RTN (first conv and FC float)',
           backward='INT8 symmetric per tensor, cosine-distance clip (DSGC) searched every '
-                   '100 steps, SR; one sample for dX and dW; LR scaled by max(exp(-20 d), 0.1) '
-                   '(proxy d)',
+                   '100 steps, SR; one sample for dX and dW; each layer\'s LR scaled by '
+                   'max(exp(-20 d), 0.1) with its DSGC deviation d',
           families=('cnn', 'mobilenet'), reported=_REPORTED)
 def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
                  num_candidates: int = clipping.NUM_CANDIDATES,
@@ -96,9 +133,12 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
   minimises the cosine distance between float and quantized dY) with
   stochastic rounding, one gradient sample for both backward GEMMs.
 
-  Optimizer: with `lr_scaling`, Deviation Counteractive LR Scaling as
-  `optim.scale_by_quantization_error` chained after the optimizer: each
-  parameter's update is multiplied by φ(d) = max(exp(-α·d), β).
+  Optimizer: with `lr_scaling`, Deviation Counteractive LR Scaling chained
+  after the optimizer: each quantized layer's update is multiplied by
+  φ(d) = max(exp(-α·d), β), d = that layer's DSGC cosine deviation of dY
+  kept in its gradient state (`clipping.scale_by_deviation(by_path=True)`
+  fed by `layer_deviations` through `Recipe.update_args`; the training loop
+  passes it). Float layers are not scaled.
 
   Differences from the paper (documented, see `qtrain.clipping`):
 
@@ -106,12 +146,15 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
     100; the paper's period is unconfirmed) and kept in between as per-layer
     state (NNX models; the loop threads it). `period=None` searches from
     each step's gradient instead (stateless: needed for Linen models).
-  * DCLRS's d should be each layer's DSGC deviation of dY from the backward
-    pass (`clipping.scale_by_deviation` takes it); nothing hands it out of
-    the dot yet, so the proxy measures d by quantizing the parameter's
-    update with the same INT8 cosine-clip rule (round-to-nearest). Weight
-    gradients are much less sharp than dY, so φ stays near 1 where the paper's
-    would drop: the proxy is a safety net, not the paper's schedule.
+  * d is the deviation measured at the layer's last backward pass: at a
+    search step the searched clip's distance, in between the kept clip's
+    distance on the current dY (`clipping.cosine_clip_update`). Which of the
+    two the paper feeds DCLRS between searches is unconfirmed.
+  * with `period=None` (stateless search) d cannot leave the backward pass;
+    the recipe then falls back to a proxy, `optim.scale_by_quantization_error`
+    (d measured by quantizing each parameter's *update* with the same INT8
+    cosine-clip rule): weight gradients are much less sharp than dY, so φ
+    stays near 1 where the paper's would drop.
   * search grid, rounding inside the search, BN and forward clipping are
     unconfirmed (papers-1-4.md §4): absmax forward, BN float.
 
@@ -119,7 +162,8 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
     gradient_rounding: rounding of dY, 'stochastic' (UI8) or 'nearest'.
     num_candidates: clip candidates per search (>= 1).
     min_ratio: smallest candidate as a fraction of max|dY|, in (0, 1].
-    lr_scaling: chain the DCLRS proxy after the optimizer.
+    lr_scaling: chain DCLRS after the optimizer (per-layer d; the update
+      proxy when `period` is None).
     alpha, beta: φ's decay and floor (UI8: 20 and 0.1).
     keep_float: regex (full match on the module path) of the layers kept
       float: the first conv and the classifier.
@@ -167,11 +211,18 @@ def unified_int8(*, gradient_rounding: rnd.Rounding = 'stochastic',
   else:
     rules += [QuantRule(module_path='.*', config=config)]
   transforms = ()
-  if lr_scaling:
-    # The proxy measures d on updates, statelessly, with the per-step search.
+  update_args = None
+  if lr_scaling and period is not None:
+    transforms = (clipping.scale_by_deviation(alpha=alpha, beta=beta, by_path=True),)
+    update_args = deviation_update_args
+  elif lr_scaling:
+    # Stateless search: d stays inside the backward pass; measure it on updates.
     probe = cfgs.TensorConfig(format=clipping.symmetric_int(8),
                               calibration=clipping.CosineClip(num_candidates=num_candidates,
                                                               min_ratio=min_ratio))
     transforms = (optim.scale_by_quantization_error(probe, alpha=alpha, beta=beta),)
+  search = 'per step' if period is None else f'every {period} steps'
+  dclrs = ('per-layer d' if period is not None else 'update proxy') if lr_scaling else 'off'
   return Recipe(name='unified_int8', rules=tuple(rules), optimizer_transforms=transforms,
-                description=f'{PAPER}: INT8 fwd/bwd, DSGC per step, DCLRS (update proxy)')
+                update_args=update_args,
+                description=f'{PAPER}: INT8 fwd/bwd, DSGC {search}, DCLRS ({dclrs})')
