@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from qtrain.config import DotConfig
-from qtrain.rules import QuantizationReport, QuantRule, match_rule
+from qtrain.rules import SHAPE_KINDS, QuantizationReport, QuantRule, match_rule
 
 __all__ = ['Site', 'Decision', 'normalize_rules', 'decide', 'build_report']
 
@@ -56,6 +56,7 @@ class Site:
   kind: str
   type_name: str
   unsupported: str | None = None
+  shape_kinds: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,7 +85,7 @@ def _explicit(rule: QuantRule) -> bool:
 
 def decide(rules: Sequence[QuantRule], site: Site) -> Decision:
   """Applies the rules to one site (first match wins)."""
-  match = match_rule(rules, site.path, site.kind)
+  match = match_rule(rules, site.path, site.kind, site.shape_kinds)
   if match is None:
     reason = 'no rule matched'
     if site.kind == 'attention':
@@ -124,6 +125,8 @@ def build_report(rules: Sequence[QuantRule], decisions: Sequence[Decision]) -> Q
       report.kept_float.append((s.path, s.kind, d.reason))
   report.unused_rules = [i for i in range(len(rules)) if i not in used]
   for i in report.unused_rules:
+    if rules[i].module_path == '.*' and set(rules[i].op_kinds) <= set(SHAPE_KINDS):
+      continue  # "every 1x1 conv, if any": a model without one is no typo
     # A rule that matches nothing is almost always a typo in its regex.
     # The path pattern identifies the rule; the full config would fill a screen.
     kinds = f' {list(rules[i].op_kinds)}' if rules[i].op_kinds else ''

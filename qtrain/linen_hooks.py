@@ -45,7 +45,7 @@ from qtrain import _matching
 from qtrain.config import DotConfig
 from qtrain.dot import conv_general_dilated, dot_general
 from qtrain.einsum import einsum
-from qtrain.rules import QuantizationReport, QuantRule
+from qtrain.rules import QuantizationReport, QuantRule, conv_shape_kinds
 
 __all__ = ['quantize_linen', 'quantization_report']
 
@@ -160,8 +160,11 @@ def _sites(module: nn.Module) -> list[tuple[_matching.Site, _LinenSpec | None]]:
               for k in kinds]
   for layer_type, spec in _LINEN_HOOKS:
     if isinstance(module, layer_type):
+      shape_kinds = ()
+      if isinstance(module, nn.Conv):
+        shape_kinds = conv_shape_kinds(module.kernel_size, module.feature_group_count, None)
       site = _matching.Site(path=path, kind=spec.kind, type_name=type_name,
-                            unsupported=_why_unhookable(module, spec))
+                            unsupported=_why_unhookable(module, spec), shape_kinds=shape_kinds)
       out.append((site, spec))
   return out
 

@@ -52,7 +52,7 @@ from qtrain import _matching
 from qtrain import linen_hooks
 from qtrain import nnx_hooks
 from qtrain.config import DotConfig
-from qtrain.rules import QuantizationReport, QuantRule
+from qtrain.rules import QuantizationReport, QuantRule, conv_shape_kinds
 
 __all__ = ['quantize_model']
 
@@ -145,7 +145,12 @@ def _nnx_sites(model: nnx.Module) -> list[_NnxSite]:
     for layer_type, spec in _NNX_HOOKS:
       if isinstance(module, layer_type):
         original, why = _hook_state(module, spec)
-        site = _matching.Site(path=path, kind=spec.kind, type_name=type_name, unsupported=why)
+        shape_kinds = ()
+        if isinstance(module, nnx.Conv):
+          shape_kinds = conv_shape_kinds(module.kernel_size, module.feature_group_count,
+                                         module.in_features)
+        site = _matching.Site(path=path, kind=spec.kind, type_name=type_name, unsupported=why,
+                              shape_kinds=shape_kinds)
         sites.append(_NnxSite(site=site, module=module, spec=spec, original=original))
   return sites
 

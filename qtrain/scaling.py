@@ -291,13 +291,22 @@ def _mean(x, axis, keepdims):
 
 
 # max/min with identity 0: the same result for the statistics below (which
-# compare with 0 anyway), and defined for empty arrays.
+# compare with 0 anyway), and defined for empty arrays. XLA:CPU's vectorised
+# max/min reductions drop NaN (a NaN in a 128×512 tensor gives a finite max;
+# found by the Pallas quantize kernels' tests), so NaN is re-imposed
+# explicitly: the policy is that a NaN anywhere in a scale group makes its
+# scale NaN.
+def _nan_if_any(x, stat, axis, keepdims):
+  return jnp.where(jnp.any(jnp.isnan(x), axis=axis, keepdims=keepdims),
+                   jnp.asarray(jnp.nan, stat.dtype), stat)
+
+
 def _max0(x, axis, keepdims):
-  return jnp.max(x, axis=axis, keepdims=keepdims, initial=0.0)
+  return _nan_if_any(x, jnp.max(x, axis=axis, keepdims=keepdims, initial=0.0), axis, keepdims)
 
 
 def _min0(x, axis, keepdims):
-  return jnp.min(x, axis=axis, keepdims=keepdims, initial=0.0)
+  return _nan_if_any(x, jnp.min(x, axis=axis, keepdims=keepdims, initial=0.0), axis, keepdims)
 
 
 def compute_scale(x: jax.Array, fmt: fmts.Format, calibration: Calibration,

@@ -162,6 +162,24 @@ class RoundTripTest(parameterized.TestCase):
     assert np.all(np.isnan(np.asarray(q_all.dequantize())))
 
 
+@pytest.mark.parametrize('granularity', [scaling.PerTensor(), scaling.PerChannel(axes=(0,))],
+                         ids=['tensor', 'row'])
+@pytest.mark.parametrize('jit', [False, True])
+def test_nan_in_a_large_tensor_still_makes_its_group_nan(granularity, jit):
+  # XLA:CPU's vectorised max reduction drops NaN in large tensors (a 128x512
+  # tensor with one NaN has a finite jnp.max); the scale must still be NaN.
+  x = np.random.default_rng(0).normal(size=(128, 512)).astype(np.float32)
+  x[5, 7] = np.nan
+  fn = functools.partial(qtrain.quantize, config=TensorConfig(format=fmts.INT8,
+                                                              granularity=granularity))
+  q = (jax.jit(fn) if jit else fn)(jnp.asarray(x))
+  scale = np.asarray(q.scale).reshape(-1)
+  if isinstance(granularity, scaling.PerTensor):
+    assert np.isnan(scale).all()
+  else:
+    assert np.isnan(scale[5]) and np.isfinite(np.delete(scale, 5)).all()
+
+
 @pytest.mark.parametrize('fmt, dtype', [
     (fmts.INT8, np.int8), (fmts.INT4, np.int8), (fmts.INT2, np.int8), (fmts.UINT8, np.uint8),
     (fmts.FP4_E2M1, ml_dtypes.float8_e4m3fn), (fmts.LOG2_FP4, ml_dtypes.float8_e4m3fn),

@@ -12,14 +12,16 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import qtrain
-from qtrain import dot, four_bit, models, numerics, recipes
+from qtrain import dot, four_bit, models, numerics, recipes, scaling
 from qtrain.recipes import registry
 from qtrain.recipes.papers import ultra_low as ul_mod
-from qtrain.recipes.papers.ultra_low import ZOO_1X1_CONVS, ultra_low, ultra_low_config
+from qtrain import pact as pact_mod
+from qtrain.recipes.papers.ultra_low import ultra_low, ultra_low_config
 
 import recipe_training_testlib as rtl
 
@@ -163,17 +165,49 @@ def test_forward_gemm_uses_int4_operands():
 # the recipe
 # ---------------------------------------------------------------------------
 @pytest.mark.slow  # MobileNetV2 construction: ~10 s alone, more on a loaded machine
-def test_mobilenet_rules_by_layer_name():
+@pytest.mark.parametrize('setting', ['resnet', 'mobilenet'])
+def test_mobilenet_8bit_layers_chosen_by_shape(setting):
   model = models.MobileNetV2(10, 3, rngs=nnx.Rngs(0))
-  r = ultra_low(fp8_layers=ZOO_1X1_CONVS)
+  r = ultra_low(setting=setting, learned_clip=False)
   _, report = qtrain.quantize_model(model, r, return_report=True)
   assert sorted(p for p, *_ in report.kept_float) == ['head', 'stem']
-  by_rule = {}
+  configs = {rule.config for rule in r.rules}
+  by_config = {}
   for path, _, i in report.quantized:
-    by_rule.setdefault(i, []).append(path.rsplit('/', 1)[-1])
-  assert set(by_rule[1]) == {'expand', 'project', 'last_conv'}  # 1x1 convs: FP8
-  assert set(by_rule[2]) == {'depthwise'}  # FP8 dW gradients
-  assert r.rules[1].config == ul_mod.fp8_config()
+    by_config.setdefault(r.rules[i].config, set()).add(path.rsplit('/', 1)[-1])
+  if setting == 'resnet':  # every 1x1 conv fully FP8, depthwise convs FP8 dW
+    assert by_config[ul_mod.fp8_config()] == {'expand', 'project', 'last_conv'}
+    assert by_config[ultra_low_config(fp8_update=True)] == {'depthwise'}
+  else:  # FP8 dW gradients in every quantized layer, nothing FP8 forward
+    assert set(by_config) == {ultra_low_config(fp8_update=True)}
+  assert len(configs) >= 1
+
+
+def test_shape_kinds_of_convolutions():
+  from qtrain.rules import conv_shape_kinds
+  assert conv_shape_kinds((1, 1), 1, 8) == ('conv1x1',)
+  assert conv_shape_kinds(1, 1, 8) == ('conv1x1',)
+  assert conv_shape_kinds((3, 3), 1, 8) == ()
+  assert conv_shape_kinds((3, 3), 8, 8) == ('depthwise_conv',)
+  assert conv_shape_kinds((3, 3), 2, 8) == ()  # grouped, not depthwise
+  assert conv_shape_kinds((3, 3), 8, None) == ('depthwise_conv',)
+
+
+def test_one_by_one_convs_of_any_name_run_in_fp8():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+      self.b = nnx.Conv(8, 8, (1, 1), rngs=rngs)
+      self.c = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)
+
+    def __call__(self, x):
+      return self.c(self.b(self.a(x)))
+
+  r = ultra_low(float_layers=None, learned_clip=False)
+  _, report = qtrain.quantize_model(Net(nnx.Rngs(0)), r, return_report=True)
+  got = {path: r.rules[i].config for path, _, i in report.quantized}
+  assert got == {'a': ultra_low_config(), 'b': ul_mod.fp8_config(),
+                 'c': ultra_low_config(fp8_update=True)}
 
 
 def test_depthwise_conv_backward_with_fp8_dw():
@@ -199,18 +233,76 @@ def test_depthwise_conv_backward_with_fp8_dw():
 
 def test_recipe_defaults_and_validation():
   r = ultra_low()
-  assert [q.module_path for q in r.rules] == ['stem|head', ul_mod.ZOO_DEPTHWISE_CONVS, '.*']
+  assert [(q.module_path, q.op_kinds) for q in r.rules] == [
+      ('stem|head', ()), ('.*', ('conv1x1',)), ('.*', ('depthwise_conv',)), ('.*', ())]
   assert r.rules[-1].config == ultra_low_config()
-  assert r.rules[1].config == ultra_low_config(fp8_update=True)
+  assert r.rules[1].config == ul_mod.fp8_config()
+  assert r.rules[2].config == ultra_low_config(fp8_update=True)
   assert not r.rules[-1].config.share_gradient_sample  # two roundings, not one sample
-  plain = ultra_low(float_layers=None, fp8_update_layers=None)
-  assert plain.rules == (qtrain.QuantRule(config=ultra_low_config()),)
+  assert r.prepare_model is pact_mod.install_pact
+  assert ultra_low(learned_clip=False).prepare_model is None
+  mob = ultra_low(setting='mobilenet', float_layers=None)
+  assert mob.rules == (qtrain.QuantRule(config=ultra_low_config(fp8_update=True)),)
+  extra = ultra_low(fp8_layers='x', fp8_update_layers='y').rules
+  assert (extra[1].module_path, extra[2].module_path) == ('x', 'y')
   with pytest.raises(TypeError, match='two_phase_rounding'):
     ultra_low(two_phase_rounding=1)
+  with pytest.raises(TypeError, match='learned_clip'):
+    ultra_low(learned_clip='yes')
+  with pytest.raises(ValueError, match='setting'):
+    ultra_low(setting='vgg')
   with pytest.raises(TypeError, match='fp8_layers'):
     ultra_low(fp8_layers=1)
   with pytest.raises(ValueError, match='phase'):
     ul_mod.gradient_config(2)
+
+
+def _pact_lenet():
+  model = models.LeNet(10, 1, batch_norm=True, rngs=nnx.Rngs(0))
+  return qtrain.quantize_model(model, ultra_low(), rngs=nnx.Rngs(quant=1))
+
+
+def test_learned_pact_clip_starts_at_the_sawb_clip_and_quantizes_onto_its_grid():
+  model = pact_mod.install_pact(_pact_lenet())
+  hook = model.conv2.conv_general_dilated
+  assert isinstance(hook, pact_mod.PactConv) and hook.config.fwd.lhs is None
+  assert hook.full_config() == ultra_low_config()
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (4, 6, 6, 8)))
+  q = hook._activation(x)  # pylint: disable=protected-access
+  xs = np.asarray(x, np.float64)
+  c1, c2 = scaling.SAWB_COEFFICIENTS[4]  # the activation rule's (LUQ's) coefficients
+  clip = c1 * np.sqrt(np.mean(xs ** 2)) - c2 * np.mean(np.abs(xs))
+  np.testing.assert_allclose(float(hook.alpha()), clip, rtol=1e-5)
+  step = float(hook.alpha()) / 15
+  codes = np.asarray(q, np.float64) / step
+  np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+  assert codes.min() == 0 and 10 <= round(codes.max()) <= 15
+  # A second batch does not move the offset (values above α clip to code 15);
+  # a signed input takes the SAWB signed grid.
+  q3 = np.asarray(hook._activation(3 * x), np.float64)  # pylint: disable=protected-access
+  np.testing.assert_allclose(float(hook.alpha()), clip, rtol=1e-5)
+  np.testing.assert_allclose(q3.max() / step, 15, rtol=1e-5)
+  signed = x - 0.5
+  np.testing.assert_array_equal(hook._activation(signed),  # pylint: disable=protected-access
+                                qtrain.fake_quant(signed, ultra_low_config().fwd.lhs))
+
+
+def test_learned_pact_clip_gets_pacts_gradient_and_is_trained():
+  model = _pact_lenet()
+  pact_mod.install_pact(model)
+  x = jnp.asarray(rtl.digits_images()[0][:32])
+  y = jnp.asarray(rtl.digits_images()[1][:32])
+  loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  loss(model)  # initialises the offsets
+  before = pact_mod.pact_alphas(model)
+  assert sorted(before) == ['conv2', 'fc1']
+  grads = nnx.grad(loss)(model)
+  g = float(grads.conv2.conv_general_dilated.pact_alpha[...])
+  assert np.isfinite(g) and g != 0.0
+  opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  opt.update(model, grads)
+  after = pact_mod.pact_alphas(model)
+  np.testing.assert_allclose(after['conv2'], before['conv2'] - 0.1 * g, rtol=1e-5)
 
 
 def test_registered():

@@ -5,8 +5,8 @@
 | layers (default regex, zoo names)             | fwd                  | dX GEMM (dY · Wᵀ)           | dW GEMM (Xᵀ · dY)           |
 |-----------------------------------------------|----------------------|-----------------------------|-----------------------------|
 | `float_layers` 'stem|head'                    | float                | float                       | float                       |
-| `fp8_layers` 1×1 convs (default: none)        | X, W: FP8 e4m3       | dY: FP8 e5m2                | dY: FP8 e5m2                |
-| `fp8_update_layers` depthwise convs           | 4-bit as below       | dY: radix-4 FP4, even grid  | dY: FP8 e5m2                |
+| 1×1 convs (by kernel shape; setting 'resnet') | X, W: FP8 e4m3       | dY: FP8 e5m2                | dY: FP8 e5m2                |
+| depthwise convs (by shape); every layer in setting 'mobilenet' | 4-bit as below | dY: radix-4 FP4, even grid | dY: FP8 e5m2      |
 | everything else                               | X: UINT4/INT4, W: INT4 SAWB | dY: radix-4 FP4, even grid (TPR phase 0) | dY: radix-4 FP4, odd grid (TPR phase 1) |
 
 Gradients: radix-4 FP4 [1,3,0] (magnitudes 4^−3..4^3 and zero, round to
@@ -16,17 +16,22 @@ Sun et al.'s doubling/halving rule (`qtrain.four_bit.gradscale_update`),
 computed from the current gradient. Two-Phase Rounding: the dX GEMM gets the
 even grid s·4^k, the dW GEMM the odd grid s·2·4^k of the *same* dY.
 
-Layer selection is by module path, with regexes on the layer names of
-`qtrain.models`. The paper runs the 1×1 convolutions of *deep ResNets*
-(ResNet-50/101 bottlenecks) in FP8; the zoo's ResNet20 has none, so
-`fp8_layers` is None by default: pass a regex naming your model's 1×1 convs
-(`ZOO_1X1_CONVS` names MobileNetV2's 'expand', 'project' and 'last_conv',
-but in MobileNetV2 every non-depthwise conv is 1×1, so FP8 there would make
-the network almost all 8-bit, which is not the paper's MobileNet setting).
-`fp8_update_layers` defaults to the zoo's depthwise convs ('depthwise');
-the notes we had say the paper's MobileNet-V2 takes FP8 gradients in the dW
-GEMM (of which layers is unverified): `fp8_update_layers='.*'` applies it
-to every layer.
+The 8-bit exceptions are chosen by the layer's *shape*, whatever its name
+(`QuantRule` op kinds 'conv1x1' and 'depthwise_conv', `qtrain.rules`), in
+one of the paper's two settings:
+
+* `setting='resnet'` (default): every 1×1 convolution runs fully in FP8, as
+  in the paper's deep ResNets (ResNet-50/101 bottlenecks and projection
+  shortcuts); depthwise convs (none in a ResNet) take FP8 dW gradients.
+* `setting='mobilenet'`: the notes we had say the paper's MobileNet-V2 takes
+  FP8 gradients in the dW GEMM (of which layers is unverified): every
+  quantized layer gets them; no layer is FP8 in the forward. (In
+  MobileNetV2 every non-depthwise conv is 1×1, so the ResNet setting there
+  would make the network almost all 8-bit.)
+
+`fp8_layers` / `fp8_update_layers` add regexes on module paths for models
+whose exceptions are not expressed by shape (`ZOO_1X1_CONVS` and
+`ZOO_DEPTHWISE_CONVS` name the zoo's layers).
 
 References:
   Sun, Wang, Chen, Ni, Agrawal, Cui, Venkataramani, El Maghraoui,
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 from qtrain import formats as fmts
 from qtrain import four_bit
+from qtrain import pact as pact_hooks
 from qtrain import scaling
 from qtrain.config import REUSE, DotConfig, MatmulConfig, TensorConfig
 from qtrain.recipe import Recipe
@@ -124,7 +130,7 @@ def _check_regex(name: str, value) -> None:
 
 @register('ultra_low', paper='Sun et al., "Ultra-Low Precision 4-bit Training of Deep Neural '
           'Networks", NeurIPS 2020',
-          forward='INT4 (SAWB weights, SAWB-clipped PACT-grid activations), RTN; FP8 1x1 convs',
+          forward='INT4 (SAWB weights, PACT activations with a learned clip), RTN; FP8 1x1 convs',
           backward='radix-4 FP4 [1,3,0] with per-layer power-of-two GradScale, Two-Phase '
           'Rounding (even grid for dX, odd grid for dW); FP8 for 1x1 convs and depthwise dW',
           families=('cnn', 'mobilenet', 'transformer'),
@@ -139,55 +145,73 @@ def _check_regex(name: str, value) -> None:
                             metric='BLEU', source=_SOURCE),
           ))
 def ultra_low(*, two_phase_rounding: bool = True, float_layers: str | None = 'stem|head',
-              fp8_layers: str | None = None,
-              fp8_update_layers: str | None = ZOO_DEPTHWISE_CONVS) -> Recipe:
+              setting: str = 'resnet', learned_clip: bool = True,
+              fp8_layers: str | None = None, fp8_update_layers: str | None = None) -> Recipe:
   """Sun et al.'s 4-bit recipe (NeurIPS 2020); see the module doc for the GEMMs.
 
   Unverified choices (the paper's full text was not available; all documented
   in papers-1-4.md §2): the dX GEMM takes the even TPR phase and dW the odd
   one; GradScale is computed from the current gradient (its steady state),
-  not carried from the previous step; activations use PACT's grid with a
-  non-learned α (the tensor's SAWB clip) because `qtrain.dot_general` takes
-  no learned clip (`four_bit.pact` is the learned quantizer for use outside
-  the dot); weights use SAWB with IBM's 15-level coefficients; FP8 means
+  not carried from the previous step; activations are PACT-quantized with a
+  learned clip α per layer (`learned_clip`, `qtrain.pact.install_pact`: an
+  `nnx.Param` initialised to the first batch's SAWB clip, trained by the
+  optimizer with PACT's gradient 1[x ≥ α]; signed inputs get the signed
+  INT4 grid); weights use SAWB with IBM's 15-level coefficients; FP8 means
   HFP8's e4m3 forward / e5m2 gradients; first conv and classifier float.
 
   Args:
     two_phase_rounding: odd grid for the dW GEMM (False: even for both).
     float_layers: regex of layers kept float; None: none.
-    fp8_layers: regex of the 1×1 convolutions run fully in FP8 (the
-      paper's deep-ResNet setting); None (default): none.
-    fp8_update_layers: regex of layers whose dW GEMM takes FP8 gradients
-      (default: the zoo's depthwise convs; '.*' for every layer); None: none.
+    setting: 'resnet' (FP8 1×1 convs, by shape) or 'mobilenet' (FP8 dW
+      gradients in every quantized layer); see the module doc.
+    learned_clip: PACT's learned activation clip (NNX models, installed by
+      the recipe's `prepare_model`); False: the clip is each tensor's SAWB
+      clip, recomputed per step (stateless; what a Linen model gets).
+    fp8_layers: extra regex of layers run fully in FP8; None: none.
+    fp8_update_layers: extra regex of layers whose dW GEMM takes FP8
+      gradients; None: none.
 
   Returns:
     Recipe 'ultra_low'.
 
   Raises:
-    TypeError: a non-bool `two_phase_rounding` or a non-string regex.
+    TypeError / ValueError: a non-bool flag, a non-string regex, an unknown
+      setting.
 
   Examples:
     >>> from qtrain.recipes.papers.ultra_low import ultra_low
     >>> r = ultra_low()
-    >>> [rule.module_path for rule in r.rules], r.rules[-1].config.drhs.rhs.format.name
-    (['stem|head', '(.*/)?depthwise', '.*'], 'log4_fp4_odd')
+    >>> [(rule.module_path, rule.op_kinds) for rule in r.rules][1:]
+    [('.*', ('conv1x1',)), ('.*', ('depthwise_conv',)), ('.*', ())]
+    >>> r.rules[-1].config.drhs.rhs.format.name
+    'log4_fp4_odd'
   """
-  if not isinstance(two_phase_rounding, bool):
-    raise TypeError(f'two_phase_rounding must be a bool, got {two_phase_rounding!r}.')
+  for name, value in (('two_phase_rounding', two_phase_rounding),
+                      ('learned_clip', learned_clip)):
+    if not isinstance(value, bool):
+      raise TypeError(f'{name} must be a bool, got {value!r}.')
+  if setting not in ('resnet', 'mobilenet'):
+    raise ValueError(f"setting={setting!r} is unknown; allowed: 'resnet', 'mobilenet'.")
   for name, value in (('float_layers', float_layers), ('fp8_layers', fp8_layers),
                       ('fp8_update_layers', fp8_update_layers)):
     _check_regex(name, value)
+  four = ultra_low_config(two_phase_rounding=two_phase_rounding)
+  fp8_dw = ultra_low_config(two_phase_rounding=two_phase_rounding, fp8_update=True)
   rules = []
   if float_layers:
     rules.append(QuantRule(module_path=float_layers, config=None))
   if fp8_layers:
     rules.append(QuantRule(module_path=fp8_layers, config=fp8_config()))
   if fp8_update_layers:
-    rules.append(QuantRule(module_path=fp8_update_layers, config=ultra_low_config(
-        two_phase_rounding=two_phase_rounding, fp8_update=True)))
-  rules.append(QuantRule(module_path='.*', config=ultra_low_config(
-      two_phase_rounding=two_phase_rounding)))
+    rules.append(QuantRule(module_path=fp8_update_layers, config=fp8_dw))
+  if setting == 'resnet':
+    rules.append(QuantRule(module_path='.*', config=fp8_config(), op_kinds=('conv1x1',)))
+    rules.append(QuantRule(module_path='.*', config=fp8_dw, op_kinds=('depthwise_conv',)))
+    rules.append(QuantRule(module_path='.*', config=four))
+  else:
+    rules.append(QuantRule(module_path='.*', config=fp8_dw))
   tpr = 'TPR' if two_phase_rounding else 'no TPR'
-  return Recipe(name='ultra_low', rules=tuple(rules),
+  prepare = pact_hooks.install_pact if learned_clip else None
+  return Recipe(name='ultra_low', rules=tuple(rules), prepare_model=prepare,
                 description=f'Ultra-low (Sun et al., NeurIPS 2020): INT4 fwd, radix-4 FP4 '
-                            f'bwd with GradScale, {tpr}')
+                            f'bwd with GradScale, {tpr}, {setting} setting')
