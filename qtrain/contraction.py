@@ -11,6 +11,7 @@ operands without changing their dtypes.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -66,6 +67,28 @@ def _sharding_from(parts, mesh):
     used.update(names)
     out.append(p)
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
+
+
+_LOW_BIT = (jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2)
+
+
+def _dot(lhs, rhs, dims, *, precision, preferred, out_sharding, implementation):
+  """lax.dot_general, or `pallas_kernels.dispatch.dot_general` for low-bit codes.
+
+  `implementation` (None = auto, 'xla', 'pallas', 'interpret'; see
+  pallas_kernels.dispatch) only matters for int8/FP8 operands; the kernel
+  package is imported only when it may be used (auto on a GPU, or asked for).
+  """
+  low_bit = lhs.dtype in _LOW_BIT and rhs.dtype in _LOW_BIT
+  auto_cpu = (implementation is None and jax.default_backend() != 'gpu'
+              and not os.environ.get('QTRAIN_IMPL'))
+  if not low_bit or implementation == 'xla' or auto_cpu:
+    return lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=preferred,
+                           out_sharding=out_sharding)
+  from pallas_kernels import dispatch  # pylint: disable=g-import-not-at-top
+  return dispatch.dot_general(lhs, rhs, dims, precision=precision,
+                              preferred_element_type=preferred, out_sharding=out_sharding,
+                              implementation=implementation)
 
 
 def _normalize_dims(dims) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -134,11 +157,11 @@ class DotOp:
     return self.kept('lhs' if gemm == 'dlhs' else 'rhs')
 
   # -- contractions -----------------------------------------------------------
-  def forward(self, lhs, rhs, *, precision, preferred, out_sharding):
-    return lax.dot_general(lhs, rhs, self.dimension_numbers, precision=precision,
-                           preferred_element_type=preferred, out_sharding=out_sharding)
+  def forward(self, lhs, rhs, *, precision, preferred, out_sharding, implementation=None):
+    return _dot(lhs, rhs, self.dimension_numbers, precision=precision, preferred=preferred,
+                out_sharding=out_sharding, implementation=implementation)
 
-  def transpose_lhs(self, g, rhs, *, precision, preferred):
+  def transpose_lhs(self, g, rhs, *, precision, preferred, implementation=None):
     """dX = contraction of g with rhs, returned in lhs layout."""
     batch, lfree, rfree = self._out_groups()
     dims = ((rfree, self.rhs_free), (batch, self.rhs_batch))
@@ -152,11 +175,11 @@ class DotOp:
     if mesh is not None:
       parts = [gspec[d] for d in batch + lfree] + [rspec[r] for r in rc_sorted]
       sharding = _sharding_from(parts, mesh)
-    out = lax.dot_general(g, rhs, dims, precision=precision, preferred_element_type=preferred,
-                          out_sharding=sharding)
+    out = _dot(g, rhs, dims, precision=precision, preferred=preferred, out_sharding=sharding,
+               implementation=implementation)
     return jnp.transpose(out, list(np.argsort(result_axes)))
 
-  def transpose_rhs(self, g, lhs, *, precision, preferred):
+  def transpose_rhs(self, g, lhs, *, precision, preferred, implementation=None):
     """dW = contraction of lhs with g, returned in rhs layout."""
     batch, lfree, rfree = self._out_groups()
     dims = ((self.lhs_free, lfree), (self.lhs_batch, batch))
@@ -170,8 +193,8 @@ class DotOp:
       parts = [gspec[d] for d in batch] + [lspec[c] for c in lc_sorted] + [
           gspec[d] for d in rfree]
       sharding = _sharding_from(parts, mesh)
-    out = lax.dot_general(lhs, g, dims, precision=precision, preferred_element_type=preferred,
-                          out_sharding=sharding)
+    out = _dot(lhs, g, dims, precision=precision, preferred=preferred, out_sharding=sharding,
+               implementation=implementation)
     return jnp.transpose(out, list(np.argsort(result_axes)))
 
 
@@ -228,7 +251,8 @@ class ConvOp:
                 feature_group_count=self.feature_group_count,
                 batch_group_count=self.batch_group_count)
 
-  def forward(self, lhs, rhs, *, precision, preferred, out_sharding):
+  def forward(self, lhs, rhs, *, precision, preferred, out_sharding, implementation=None):
+    del implementation  # convolutions always run on XLA (no Pallas conv kernel)
     return lax.conv_general_dilated(lhs, rhs, precision=precision,
                                     preferred_element_type=preferred,
                                     out_sharding=out_sharding, **self._static())
@@ -242,13 +266,15 @@ class ConvOp:
       parts[dst] = gspec[src]
     return _sharding_from(parts, mesh)
 
-  def transpose_lhs(self, g, rhs, *, precision, preferred):
+  def transpose_lhs(self, g, rhs, *, precision, preferred, implementation=None):
+    del implementation
     return conv_transpose.conv_transpose_lhs(
         g, rhs, lhs_shape=self.lhs_shape, precision=precision,
         preferred_element_type=preferred,
         out_sharding=self._grad_sharding(g, 'dlhs', self.lhs_ndim), **self._static())
 
-  def transpose_rhs(self, g, lhs, *, precision, preferred):
+  def transpose_rhs(self, g, lhs, *, precision, preferred, implementation=None):
+    del implementation
     return conv_transpose.conv_transpose_rhs(
         g, lhs, rhs_shape=self.rhs_shape, precision=precision,
         preferred_element_type=preferred,

@@ -58,6 +58,7 @@ class _Options:
   precision: Any
   preferred_element_type: Any
   out_sharding: Any
+  implementation: str | None = None  # code x code GEMMs: pallas_kernels.dispatch
 
 
 def _is_int_like(fmt: fmts.Format) -> bool:
@@ -234,7 +235,8 @@ def _forward(lhs, rhs, key, op, cfg: cfgs.DotConfig, opts: _Options):
     for a in (lq or [lhs]):
       for b in (rq or [rhs]):
         if isinstance(a, QArray) and isinstance(b, QArray):
-          run = functools.partial(_run_forward, op, None, opts.out_sharding)
+          run = functools.partial(_run_forward, op, None, opts.out_sharding,
+                                  implementation=opts.implementation)
           y = _codes_product(run, a, b, op)
           # One multiply by the combined scale: XLA reassociates a chain of
           # multiplies differently under jit and eager (last-bit differences).
@@ -247,8 +249,9 @@ def _forward(lhs, rhs, key, op, cfg: cfgs.DotConfig, opts: _Options):
   return y.astype(out_dtype), (lq, rq)
 
 
-def _run_forward(op, precision, out_sharding, a, b, preferred):
-  return op.forward(a, b, precision=precision, preferred=preferred, out_sharding=out_sharding)
+def _run_forward(op, precision, out_sharding, a, b, preferred, implementation=None):
+  return op.forward(a, b, precision=precision, preferred=preferred, out_sharding=out_sharding,
+                    implementation=implementation)
 
 
 def _out_scale(op, q: QArray, side: str) -> jax.Array:
@@ -297,7 +300,8 @@ def _backward_gemm(op, gemm: str, g, grad_rule, residual, key, shared, opts, out
     # A stateful rule sees this g: dY with any folded residual scale (above).
     grads, new_state = _quantize_grad(g, grad_rule, key, slot, op.grad_kept(gemm), state)
   transpose = op.transpose_lhs if gemm == 'dlhs' else op.transpose_rhs
-  run_codes = lambda a, b, pref: transpose(a, b, precision=None, preferred=pref)
+  run_codes = lambda a, b, pref: transpose(a, b, precision=None, preferred=pref,
+                                          implementation=opts.implementation)
   run_float = lambda a, b, pref: transpose(a, b, precision=opts.precision, preferred=pref)
   acc = None
   for gq in grads:
@@ -438,7 +442,8 @@ def dot_general_grad_state(lhs, rhs, dimension_numbers, *, config: cfgs.DotConfi
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                 precision=None, preferred_element_type=None, *,
                 config: cfgs.DotConfig | None = None, key: jax.Array | None = None,
-                out_sharding=None, grad_state: dict | None = None) -> jax.Array:
+                out_sharding=None, grad_state: dict | None = None,
+                implementation: str | None = None) -> jax.Array:
   """`lax.dot_general` with quantized forward and backward GEMMs.
 
   Same positional signature as `jax.lax.dot_general`, so it can be passed as
@@ -460,6 +465,12 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
       `dot_general_grad_state`); None when the config has none. The forward
       ignores it; its *gradient* is the new state, computed in the backward
       pass from this step's dY (module doc).
+    implementation: backend of the code x code GEMMs (forward, dX, dW): None
+      (auto: Pallas kernels on a Hopper GPU, XLA elsewhere), 'xla', 'pallas'
+      or 'interpret' (the kernels in Mosaic GPU interpret mode, on CPU). The
+      kernels take int8 x int8 and FP8 x FP8 contractions without batch
+      dimensions whose shapes fit their tiles and give XLA's exact value; the
+      rest runs on XLA (`pallas_kernels.dispatch`).
 
   Returns:
     The contraction, shape as `lax.dot_general`'s. Gradients flow to lhs and
@@ -469,9 +480,13 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
   Raises:
     TypeError: non-float operands, a bad config, a non-float32 state.
     ValueError: missing key, contracting/batch dimensions of different sizes,
-      or a grad_state missing, unexpected or of the wrong keys/shapes.
+      or a grad_state missing, unexpected or of the wrong keys/shapes; an
+      unknown implementation.
   """
   _check_common(lhs, rhs, config, key, grad_state)
+  if implementation not in (None, 'xla', 'pallas', 'interpret'):
+    raise ValueError(f"implementation={implementation!r} is unknown; allowed: None (auto), "
+                     "'xla', 'pallas', 'interpret'.")
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   _check_dot_dims(lhs, rhs, dimension_numbers)
   if config is None:
@@ -479,7 +494,7 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                            preferred_element_type=preferred_element_type,
                            out_sharding=out_sharding)
   op = DotOp.create(dimension_numbers, lhs.ndim, rhs.ndim)
-  opts = _Options(precision, preferred_element_type, out_sharding)
+  opts = _Options(precision, preferred_element_type, out_sharding, implementation)
   return _qcontract(lhs, rhs, key, grad_state, op, config, opts)
 
 
