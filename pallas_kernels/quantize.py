@@ -66,7 +66,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from qtrain import config as cfgs
 from qtrain import formats as fmts
 from qtrain.quantize import as_tensor_config, check_float
-from qtrain.quantize import quantize as xla_quantize
+from qtrain.quantize import quantize_xla as xla_quantize
 from qtrain import scaling
 from qtrain.qarray import QArray
 

@@ -49,7 +49,7 @@ from qtrain import prng
 from qtrain import scaling
 from qtrain.qarray import QArray
 from qtrain.quantize import as_tensor_config, check_float
-from qtrain.quantize import quantize as xla_quantize
+from qtrain.quantize import quantize_xla as xla_quantize
 from pallas_kernels import quantize as pq
 
 __all__ = ['TuningConfig', 'can_use', 'quantize', 'quantize_stochastic_pallas', 'reference',

@@ -10,6 +10,7 @@ exact zeros. Empty arrays work.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
 
 import jax
@@ -21,7 +22,7 @@ from qtrain import rounding as rnd
 from qtrain import scaling
 from qtrain.qarray import QArray
 
-__all__ = ['quantize', 'dequantize', 'fake_quant', 'as_tensor_config', 'check_float']
+__all__ = ['quantize', 'quantize_xla', 'dequantize', 'fake_quant', 'as_tensor_config', 'check_float']
 
 Ste = Literal['plain', 'clipped']
 
@@ -49,8 +50,16 @@ def _sample_key(key, i: int, samples: int):
 
 def quantize(x: jax.Array, config: cfgs.TensorConfig | fmts.Format, *,
              key: jax.Array | None = None, scale: jax.Array | None = None,
-             stream: int = 0) -> QArray:
+             stream: int = 0, implementation: str | None = None) -> QArray:
   """Quantizes `x` to a `QArray`.
+
+  `implementation` picks the backend: None (auto: the fused Pallas kernels of
+  `pallas_kernels.quantize` / `.stochastic_quantize` on a Hopper GPU when they
+  accept the shape and config, or when the environment variable QTRAIN_IMPL
+  is set; XLA otherwise, always on CPU), 'xla' (`quantize_xla`), 'pallas' or
+  'interpret' (the kernels in Mosaic GPU interpret mode, on CPU). Every
+  backend returns the same codes and scales (the kernels' tests check it bit
+  for bit). The other arguments are those of `quantize_xla`, documented here.
 
   Args:
     x: float array of any shape (float32, bfloat16, float16, ...).
@@ -78,6 +87,23 @@ def quantize(x: jax.Array, config: cfgs.TensorConfig | fmts.Format, *,
     >>> q.codes.dtype, q.codes.tolist()
     (dtype('int8'), [64, -127, 32])
   """
+  if implementation not in (None, 'xla', 'pallas', 'interpret'):
+    raise ValueError(f"implementation={implementation!r} is unknown; allowed: None (auto), "
+                     "'xla', 'pallas', 'interpret'.")
+  auto_xla = (implementation is None and jax.default_backend() != 'gpu'
+              and not os.environ.get('QTRAIN_IMPL'))
+  if implementation == 'xla' or auto_xla:
+    return quantize_xla(x, config, key=key, scale=scale, stream=stream)
+  # The kernels fall back to quantize_xla themselves for what they cannot take.
+  from pallas_kernels import quantize as kernels  # pylint: disable=g-import-not-at-top
+  return kernels.quantize(x, config, key=key, scale=scale, stream=stream,
+                          implementation=implementation)
+
+
+def quantize_xla(x: jax.Array, config: cfgs.TensorConfig | fmts.Format, *,
+                 key: jax.Array | None = None, scale: jax.Array | None = None,
+                 stream: int = 0) -> QArray:
+  """`quantize` on XLA (the reference implementation; see `quantize` for the arguments)."""
   check_float(x)
   cfg = as_tensor_config(config)
   x = jnp.asarray(x)

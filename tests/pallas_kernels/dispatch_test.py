@@ -180,3 +180,24 @@ def test_interpret_kernel_runs_under_shard_map_on_one_device():
   got = jax.jit(run)(a_s, b_s)
   np.testing.assert_array_equal(np.asarray(got),
                                 np.asarray(im.reference(a, b, a_scale=np.float32(0.5))))
+
+
+# ---------------------------------------------------------------------------
+# qtrain.quantize dispatch (the fused quantize kernels)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize('rounding', ['nearest', 'stochastic'])
+def test_qtrain_quantize_interpret_equals_xla(rounding):
+  from qtrain import config as qcfg
+  from qtrain import formats as qfmts
+  import qtrain
+  x = jax.random.normal(jax.random.key(4), (128, 256), jnp.float32) * 2 + 0.3
+  cfg = qcfg.TensorConfig(format=qfmts.INT8, rounding=rounding)
+  key = jax.random.key(9) if rounding == 'stochastic' else None
+  want = qtrain.quantize(x, cfg, key=key, implementation='xla')
+  got = jax.jit(lambda v: qtrain.quantize(v, cfg, key=key, implementation='interpret'))(x)
+  ref = jax.jit(lambda v: qtrain.quantize(v, cfg, key=key))(x)  # auto on CPU = XLA
+  np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(ref.codes))
+  np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(ref.scale))
+  assert np.mean(np.asarray(got.codes) != np.asarray(want.codes)) < 1e-3  # eager x/s vs x*(1/s)
+  with pytest.raises(ValueError, match='implementation'):
+    qtrain.quantize(x, cfg, key=key, implementation='cuda')
