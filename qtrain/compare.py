@@ -44,7 +44,7 @@ def model_family(model: str) -> str:
   """The `qtrain.recipes.FAMILIES` entry of a zoo model."""
   if model == 'mobilenetv2':
     return 'mobilenet'
-  if model in ('transformer_lm', 'seq2seq'):
+  if model in ('transformer_lm', 'seq2seq', 'vit', 'minilm', 'bert_tiny'):
     return 'transformer'
   return 'cnn'
 
@@ -335,7 +335,7 @@ def compare(*, task: str = 'digits', model: str | None = None,
                           epochs=epochs, rows=_rows(entries, runs_by_recipe), runs=tuple(all_runs),
                           out_dir=out_dir, seconds=time.perf_counter() - start)
   if out_dir:
-    rates = {e.label: resolve_lr(e.recipe, lr) for e in entries}
+    rates = {e.label: resolve_lr(e.recipe, lr, model) for e in entries}
     settings = {'task': task, 'model': model, 'epochs': epochs, 'seeds': list(seeds),
                 'batch size': batch_size,
                 'learning rate': ', '.join(f'{k} {v:g}' for k, v in rates.items()),

@@ -18,6 +18,13 @@ rule reproduces the usual "first and last layer float" setup.
 | `mobilenetv2`    | 67,402 (width ×0.35)   | float32 [B, H, W, C] (28/32 px typical)|
 | `transformer_lm` | 478,976 (vocab 256)    | int32 tokens [B, L], L <= max_len      |
 | `seq2seq`        | 1,057,536 (vocabs 256) | int32 src [B, S], tgt [B, T], pad id 0 |
+| `vit`            | 205,066 (28 px, 7×7)   | float32 [B, S, S, C], S = image_size   |
+| `minilm`         | 22,569,226 (pretrained)| int32 WordPiece ids [B, L], pad id 0   |
+| `bert_tiny`      | 1,018,954 (random init)| int32 WordPiece ids [B, L], pad id 0   |
+
+`vit` lives in `qtrain.vit`, `minilm` (all-MiniLM-L6-v2 + a classification
+head) and `bert_tiny` in `qtrain.bert`; they are imported on first use so
+that importing the zoo stays light.
 
 (10 classes; 1 input channel for `lenet`, 3 for the other CNNs; the counts
 are pinned in `tests/models_test.py`.)
@@ -541,12 +548,30 @@ def _key_padding_mask(query_ids: jax.Array, key_ids: jax.Array) -> jax.Array:
 # Registry
 # ----------------------------------------------------------------------------
 
+def _vit(**kwargs: Any) -> nnx.Module:
+  from qtrain.vit import ViT  # pylint: disable=import-outside-toplevel
+  return ViT(**kwargs)
+
+
+def _minilm(**kwargs: Any) -> nnx.Module:
+  from qtrain.bert import create_minilm_classifier  # pylint: disable=import-outside-toplevel
+  return create_minilm_classifier(**kwargs)
+
+
+def _bert_tiny(**kwargs: Any) -> nnx.Module:
+  from qtrain.bert import create_tiny_classifier  # pylint: disable=import-outside-toplevel
+  return create_tiny_classifier(**kwargs)
+
+
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     'lenet': LeNet,
     'resnet20': ResNet20,
     'mobilenetv2': MobileNetV2,
     'transformer_lm': TransformerLM,
     'seq2seq': Seq2SeqTransformer,
+    'vit': _vit,
+    'minilm': _minilm,
+    'bert_tiny': _bert_tiny,
 }
 
 

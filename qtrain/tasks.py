@@ -4,14 +4,26 @@ A task turns a `qtrain.data` dataset into fixed-shape numpy arrays (images,
 token ids) and says how a model of the zoo is built for it and scored. The
 training loop (`qtrain.train`) and the `qtrain` command only talk to tasks.
 
-| task            | data                          | models                             | metric              |
-|-----------------|-------------------------------|------------------------------------|---------------------|
-| `digits`        | sklearn digits, 8×8×1         | lenet (+BN), resnet20, mobilenetv2 | test accuracy       |
-| `fashion_mnist` | Fashion-MNIST, 28×28×1        | lenet (+BN), resnet20, mobilenetv2 | test accuracy       |
-| `fortunes`      | fortune texts, BPE tokens     | transformer_lm                     | next-token accuracy |
-| `bible_en_es`   | KJV→RV1909 verses, BPE tokens | seq2seq                            | next-token accuracy |
+| task              | data                          | models                           | metric   |
+|-------------------|-------------------------------|----------------------------------|----------|
+| `digits`          | sklearn digits, 8×8×1         | lenet (+BN), resnet20, mbv2, vit | accuracy |
+| `fashion_mnist`   | Fashion-MNIST, 28×28×1        | lenet (+BN), resnet20, mbv2, vit | accuracy |
+| `fortunes`        | fortune texts, BPE tokens     | transformer_lm                   | token    |
+| `bible_en_es`     | KJV→RV1909 verses, BPE tokens | seq2seq                          | token    |
+| `fortunes_topics` | 6 fortune topics, WordPiece   | minilm, bert_tiny                | accuracy |
 
-Every metric is "higher is better" and in [0, 1]; padding never counts.
+(mbv2 = mobilenetv2; token = next-token accuracy.)
+
+Every metric is "higher is better" and in [0, 1]; padding never counts. The
+ViT is `qtrain.vit`. `fortunes_topics` classifies a
+fortune into one of `qtrain.data.fortunes.CLASSIFICATION_TOPICS` (computers,
+definitions, politics, science, songs-poems, work: the topic files with at
+least 600 entries and a distinct subject; 4,932 texts, 20% held out by the
+seed), tokenized with all-MiniLM-L6-v2's uncased WordPiece tokenizer to 64
+ids ([CLS] ... [SEP], padded with 0). `minilm` fine-tunes the pretrained
+encoder with a fresh head; `bert_tiny` is a random-init 2-layer BERT on the
+same tokens, for tests and smoke runs. BLEU for `bible_en_es` is in
+`qtrain.translate` (it needs `TaskData.tokenizer` and `test_text`).
 
 Examples:
   >>> from qtrain import tasks
@@ -33,8 +45,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from qtrain import bert
 from qtrain import data as qdata
 from qtrain import models
+from qtrain.data.fortunes import CLASSIFICATION_TOPICS
 
 __all__ = ['Task', 'TaskData', 'TASKS', 'get', 'names']
 
@@ -50,11 +64,16 @@ class TaskData:
     test: the same for N_test.
     model_kwargs: constructor arguments the data fixes (classes, channels, vocab).
     info: facts for reports (sizes, vocabulary, sequence length).
+    tokenizer: the text tasks' `tokenizers.Tokenizer` (decodes ids), else None.
+    test_text: the test split's raw strings, (sources, references) for
+      `bible_en_es` (BLEU scores against them), else None.
   """
   train: Batch
   test: Batch
   model_kwargs: dict[str, Any]
   info: dict[str, Any]
+  tokenizer: Any = dataclasses.field(default=None, repr=False)
+  test_text: Batch | None = dataclasses.field(default=None, repr=False)
 
   @property
   def num_train(self) -> int:
@@ -146,7 +165,21 @@ def _prepare_bible(*, data_dir, seed, limit, vocab_size, max_len):
   return TaskData(train=train, test=test,
                   model_kwargs={'src_vocab': vocab, 'tgt_vocab': vocab, 'max_len': max_len + 1},
                   info={'vocab': vocab, 'max_len': max_len, 'train': len(src),
-                        'test': len(ds.x_test)})
+                        'test': len(ds.x_test)},
+                  tokenizer=tok, test_text=(ds.x_test, ds.y_test))
+
+
+def _prepare_fortunes_topics(*, data_dir, seed, limit, vocab_size, max_len):
+  del vocab_size  # MiniLM's fixed WordPiece vocabulary
+  ds = qdata.load_fortunes(data_dir=data_dir, seed=seed, topics=CLASSIFICATION_TOPICS)
+  tok = bert.load_tokenizer(max_len=max_len)
+  x_train, y_train = _subset((ds.x_train, ds.y_train), limit)
+  enc = lambda texts: bert.encode_texts(tok, list(texts), max_len)
+  return TaskData(train=(enc(x_train), y_train), test=(enc(ds.x_test), ds.y_test),
+                  model_kwargs={'num_classes': len(ds.class_names)},
+                  info={'classes': list(ds.class_names), 'max_len': max_len,
+                        'train': len(x_train), 'test': len(ds.x_test)},
+                  tokenizer=tok, test_text=(ds.x_test,))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,6 +194,7 @@ class Task:
     family: model family for recipe defaults ('cnn' or 'transformer').
     loss: (model, batch) -> (mean loss, (correct, counted)).
     prepare: keyword-only (data_dir, seed, limit, vocab_size, max_len) -> TaskData.
+    max_len: default tokens per sequence of `load` (text tasks).
   """
   name: str
   dataset: str
@@ -169,6 +203,7 @@ class Task:
   family: str
   loss: Callable = dataclasses.field(repr=False)
   prepare: Callable[..., TaskData] = dataclasses.field(repr=False)
+  max_len: int = 48
 
   @property
   def default_model(self) -> str:
@@ -183,7 +218,8 @@ class Task:
                        f'task: {", ".join(self.models)}.')
 
   def load(self, *, data_dir: str | os.PathLike[str] | None = None, seed: int = 0,
-           limit: int | None = None, vocab_size: int = 2000, max_len: int = 48) -> TaskData:
+           limit: int | None = None, vocab_size: int = 2000,
+           max_len: int | None = None) -> TaskData:
     """Loads and encodes the data.
 
     Args:
@@ -191,7 +227,7 @@ class Task:
       seed: split (and tokenizer corpus) seed.
       limit: keep only the first `limit` training examples (quick runs).
       vocab_size: BPE vocabulary (text tasks).
-      max_len: tokens per sequence (text tasks).
+      max_len: tokens per sequence (text tasks); None = the task's `max_len`.
 
     Returns:
       TaskData.
@@ -199,35 +235,45 @@ class Task:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
       raise ValueError(f'limit={limit!r} must be None or an int >= 1.')
     return self.prepare(data_dir=data_dir, seed=seed, limit=limit, vocab_size=vocab_size,
-                        max_len=max_len)
+                        max_len=self.max_len if max_len is None else max_len)
 
   def create_model(self, model: str, task_data: TaskData, *, rngs: nnx.Rngs,
                    **overrides: Any) -> nnx.Module:
     """Builds `model` for this task's data (classes, channels, vocabulary).
 
     LeNet gets BatchNorm after each convolution: every CNN of the papers
-    normalizes, and WAGEUBN quantizes BatchNorm itself.
+    normalizes, and WAGEUBN quantizes BatchNorm itself. The ViT gets the
+    image size (its position table depends on the number of patches).
     """
     self.check_model(model)
-    kwargs = {**task_data.model_kwargs, **({'batch_norm': True} if model == 'lenet' else {}),
-              **overrides}
+    extra = {}
+    if model == 'lenet':
+      extra['batch_norm'] = True
+    elif model == 'vit':
+      extra['image_size'] = int(task_data.train[0].shape[1])
+    kwargs = {**task_data.model_kwargs, **extra, **overrides}
     return models.create(model, **kwargs, rngs=rngs)
 
 
 _CNNS = ('lenet', 'resnet20', 'mobilenetv2')
+_IMAGE_MODELS = _CNNS + ('vit',)
 
 TASKS: dict[str, Task] = {
     t.name: t for t in (
-        Task(name='digits', dataset='digits', models=_CNNS, metric='accuracy', family='cnn',
-             loss=_classification_loss, prepare=_prepare_digits),
-        Task(name='fashion_mnist', dataset='fashion_mnist', models=_CNNS, metric='accuracy',
-             family='cnn', loss=_classification_loss, prepare=_prepare_fashion),
+        Task(name='digits', dataset='digits', models=_IMAGE_MODELS, metric='accuracy',
+             family='cnn', loss=_classification_loss, prepare=_prepare_digits),
+        Task(name='fashion_mnist', dataset='fashion_mnist', models=_IMAGE_MODELS,
+             metric='accuracy', family='cnn', loss=_classification_loss,
+             prepare=_prepare_fashion),
         Task(name='fortunes', dataset='fortunes', models=('transformer_lm',),
              metric='token accuracy', family='transformer', loss=_lm_loss,
              prepare=_prepare_fortunes),
         Task(name='bible_en_es', dataset='bible_en_es', models=('seq2seq',),
              metric='token accuracy', family='transformer', loss=_seq2seq_loss,
              prepare=_prepare_bible),
+        Task(name='fortunes_topics', dataset='fortunes', models=('minilm', 'bert_tiny'),
+             metric='accuracy', family='transformer', loss=_classification_loss,
+             prepare=_prepare_fortunes_topics, max_len=64),
     )
 }
 

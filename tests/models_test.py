@@ -296,3 +296,16 @@ def test_seq2seq_decoder_is_causal():
   a = _forward(model, src, tgt)
   b = _forward(model, src, tgt.at[:, 4].set((tgt[:, 4] % (VOCAB - 1)) + 1))
   np.testing.assert_allclose(a[:, :4], b[:, :4], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- vit, bert
+
+
+@pytest.mark.parametrize('name, kwargs, expected', [
+    ('vit', dict(image_size=28), 205_066),
+    ('bert_tiny', dict(num_classes=10), 1_018_954),
+])
+def test_transformer_classifier_parameter_counts(name, kwargs, expected):
+  model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), **kwargs))
+  assert _num_params(model) == expected
+  assert isinstance(model.head, nnx.Linear)
