@@ -11,24 +11,35 @@ tasks of `qtrain.tasks` (the `qtrain` command).
 
 from qtrain import attention as attention
 from qtrain import batchnorm as batchnorm
+from qtrain import bert as bert
+from qtrain import bit_split as bit_split
 from qtrain import checkpoint as checkpoint
 from qtrain import compare as compare
 from qtrain import data as data
 from qtrain import formats as formats
+from qtrain import fq_vit as fq_vit
+from qtrain import hadamard as hadamard
 from qtrain import linen_hooks as linen_hooks
+from qtrain import lsq_linear as lsq_linear
 from qtrain import models as models
 from qtrain import numerics as numerics
 from qtrain import optim as optim
+from qtrain import pact as pact
+from qtrain import ptq as ptq
 from qtrain import nnx_hooks as nnx_hooks
 from qtrain import presets as presets
 from qtrain import prng as prng
 from qtrain import recipes as recipes
 from qtrain import rounding as rounding
 from qtrain import scaling as scaling
+from qtrain import statquant as statquant
 from qtrain import tasks as tasks
 from qtrain import train as train
+from qtrain import variance as variance
+from qtrain import vit as vit
 from qtrain.config import REUSE as REUSE
 from qtrain.config import DotConfig as DotConfig
+from qtrain.config import GradientEstimator as GradientEstimator
 from qtrain.config import MatmulConfig as MatmulConfig
 from qtrain.config import TensorConfig as TensorConfig
 from qtrain.dot import conv_general_dilated as conv_general_dilated
@@ -64,7 +75,8 @@ __version__ = '0.1.0'
 __all__ = [
     'attention', 'batchnorm', 'checkpoint', 'compare', 'data', 'formats', 'linen_hooks', 'models',
     'nnx_hooks', 'numerics', 'optim', 'presets', 'prng', 'recipes', 'rounding', 'scaling', 'tasks',
-    'train',
+    'train', 'bert', 'bit_split', 'hadamard', 'lsq_linear', 'fq_vit', 'pact', 'ptq', 'statquant', 'variance', 'vit',
+    'GradientEstimator',
     'REUSE', 'DotConfig', 'MatmulConfig', 'TensorConfig', 'Format', 'QArray',
     'quantize', 'dequantize', 'fake_quant', 'dot_general', 'conv_general_dilated', 'einsum',
     'quantize_model',

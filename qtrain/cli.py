@@ -43,7 +43,9 @@ def _recipes(args) -> int:
   del args
   from qtrain import recipes  # pylint: disable=import-outside-toplevel
   for e in recipes.registered():
-    print(f'{e.name}: {e.paper or "baseline (no paper)"}')
+    tags = [t for t, on in (('post-training', e.kind == 'ptq'), ('variant', e.variant)) if on]
+    print(f'{e.name}: {e.paper or "baseline (no paper)"}'
+          + (f' [{", ".join(tags)}]' if tags else ''))
     print(f'  forward:  {e.forward}')
     print(f'  backward: {e.backward}')
     reported = '; '.join(str(d) for d in e.reported)

@@ -212,11 +212,12 @@ def _write_report(c: Comparison, settings: dict, env: dict) -> None:
 
 
 def _plot(c: Comparison, runs_by_recipe: dict[str, list[TrainResult]]) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # Figure objects, not pyplot: no global backend switch (a notebook's inline
+  # plots keep working) and nothing left open.
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   for name, runs in runs_by_recipe.items():
     steps = [s for s, _ in runs[0].losses]
     curves = np.asarray([[l for _, l in r.losses] for r in runs])
@@ -228,10 +229,10 @@ def _plot(c: Comparison, runs_by_recipe: dict[str, list[TrainResult]]) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(c.out_dir, 'loss.png'), dpi=120)
-  plt.close(fig)
 
   rows = [r for r in c.rows if r.baseline]
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   xs = np.arange(len(rows))
   ax.bar(xs, [r.delta_pp for r in rows], yerr=[r.delta_std_pp or 0 for r in rows],
          capsize=3, color='tab:blue', label='measured (mean ± std over seeds)')
@@ -248,7 +249,6 @@ def _plot(c: Comparison, runs_by_recipe: dict[str, list[TrainResult]]) -> None:
   ax.grid(alpha=0.3, axis='y')
   fig.tight_layout()
   fig.savefig(os.path.join(c.out_dir, 'delta.png'), dpi=120)
-  plt.close(fig)
 
 
 def _result_record(r: TrainResult) -> dict:
@@ -259,7 +259,8 @@ def _result_record(r: TrainResult) -> dict:
 
 def _default_recipes(model: str) -> list[str]:
   family = model_family(model)
-  return [e.name for e in recipe_registry.registered() if family in e.families]
+  return [e.name for e in recipe_registry.registered()
+          if family in e.families and e.kind == 'train' and not e.variant]
 
 
 def compare(*, task: str = 'digits', model: str | None = None,
@@ -277,7 +278,8 @@ def compare(*, task: str = 'digits', model: str | None = None,
     recipes: registered recipe names; 'fp32' is always trained first (the
       baseline of every Δ), and a recipe with its own optimizer also gets an
       fp32 run with that optimizer ('fp32-<name>-opt'), its Δ baseline.
-      None = every registered recipe whose paper covers the model's family.
+      None = every registered training recipe whose paper covers the model's
+      family, variants (e.g. 'statquant-bhq4') only when named.
     epochs: epochs per run (same budget for all).
     seeds: one run per recipe per seed.
     batch_size: examples per step.
@@ -304,7 +306,7 @@ def compare(*, task: str = 'digits', model: str | None = None,
   task_obj.check_model(model)
   names = list(recipes) if recipes is not None else _default_recipes(model)
   for name in names:
-    recipe_registry.info(name)
+    recipe_registry.info(name).check_trainable()
   if len(set(names)) != len(names):
     raise ValueError(f'recipes {names} name a recipe twice.')
   seeds = tuple(seeds)

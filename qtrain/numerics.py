@@ -300,6 +300,17 @@ from qtrain.gvq import gvq, magnitude_aware_clip  # noqa: E402
 from qtrain.wageubn import (wageubn_activation, wageubn_direct, wageubn_error,  # noqa: E402
                             wageubn_grad, wageubn_lr, wageubn_weight)
 
+from qtrain.statquant import bhq, per_column, psq  # noqa: E402
+from qtrain.statquant import ptq as statquant_ptq  # noqa: E402
+from qtrain.fq_vit import (i_exp, int_layer_norm, log2_quant, log_int_softmax,  # noqa: E402
+                           minmax_quant, ptf, ptf_codes, weight_quant)
+
+from qtrain.hadamard import hadamard  # noqa: E402
+from qtrain.bit_split import bit_split, lss  # noqa: E402
+
+__all__ += ['hadamard', 'bit_split', 'lss']
+__all__ += ['bhq', 'per_column', 'psq', 'statquant_ptq', 'log2_quant', 'ptf', 'ptf_codes',
+            'log_int_softmax', 'i_exp', 'int_layer_norm', 'minmax_quant', 'weight_quant']
 __all__ += ['sawb_activation', 'pact', 'luq_hindsight', 'gradscale', 'gradscale_update',
             'hindsight_max', 'cosine_clip', 'cosine_clip_search', 'cosine_distance', 'gvq',
             'magnitude_aware_clip', 'wageubn_weight', 'wageubn_activation', 'wageubn_error',

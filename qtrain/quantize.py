@@ -119,6 +119,10 @@ def quantize_xla(x: jax.Array, config: cfgs.TensorConfig | fmts.Format, *,
     scale = jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32))
     group = scaling.group_reduce(jnp.zeros(x.shape, jnp.float32), jnp.sum, cfg.granularity)
     scale = jnp.broadcast_to(scale, group.shape)
+  # A zero or subnormal scale (a clip EMA decaying on a dead channel) is
+  # flushed to zero by XLA on CPU and GPU, and 0/0 would turn the group's
+  # zeros into NaN: such groups get scale 1 (the all-zero guard). NaN stays NaN.
+  scale = jnp.where(jnp.abs(scale) < jnp.finfo(jnp.float32).tiny, jnp.ones_like(scale), scale)
   x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
   full_scale = scaling.expand_scale(scale, x.shape, cfg.granularity)
   units = x32 / full_scale

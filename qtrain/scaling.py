@@ -281,9 +281,12 @@ def expand_scale(scale: jax.Array, shape: tuple[int, ...], granularity: Granular
 
 
 def guard_zero(stat: jax.Array) -> jax.Array:
-  """`stat` with exact zeros replaced by 1 (the zero-guard of the module doc)."""
-  # `stat == 0` (not `stat > 0`), so NaN statistics stay NaN (policy above).
-  return jnp.where(stat == 0, jnp.ones_like(stat), stat)
+  """`stat` with zeros (and subnormals, which XLA flushes to zero) replaced by 1.
+
+  The zero-guard of the module doc; NaN statistics stay NaN (policy above).
+  """
+  tiny = jnp.finfo(jnp.result_type(stat, jnp.float32)).tiny
+  return jnp.where(jnp.abs(stat) < tiny, jnp.ones_like(stat), stat)
 
 
 def _mean(x, axis, keepdims):

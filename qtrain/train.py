@@ -122,7 +122,8 @@ class TrainConfig:
     if self.model is None:
       object.__setattr__(self, 'model', task.default_model)
     task.check_model(self.model)
-    recipe_registry.info(self.recipe)  # unknown names list the registered ones
+    # Unknown names list the registered ones; post-training recipes are refused.
+    recipe_registry.info(self.recipe).check_trainable()
     for name in ('epochs', 'batch_size', 'eval_every', 'eval_batch_size', 'log_every',
                  'keep_checkpoints', 'devices'):
       _positive_int(name, getattr(self, name))

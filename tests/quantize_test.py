@@ -503,3 +503,17 @@ def test_pack_int4_bad_input():
 def test_bad_input_names_the_argument(make, error, name):
   with pytest.raises(error, match=rf'\b{name}\b'):
     make()
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_zero_or_subnormal_given_scale_keeps_zeros_zero(jit):
+  # A per-channel clip EMA of a dead channel decays to 0 or a subnormal, which
+  # XLA flushes to zero: 0/0 must not turn the channel's zero gradient into NaN.
+  x = jnp.asarray(np.array([[0.0, 0.5], [0.0, -1.0]], np.float32))
+  scale = jnp.asarray(np.array([[1e-40, 1 / 127]], np.float32))
+  cfg = TensorConfig(format=fmts.INT8, granularity=scaling.PerChannel(axes=(1,)))
+  fn = lambda v, s: qtrain.quantize(v, cfg, scale=s).dequantize()
+  y = np.asarray((jax.jit(fn) if jit else fn)(x, scale))
+  assert np.all(np.isfinite(y))
+  np.testing.assert_array_equal(y[:, 0], 0.0)
+  np.testing.assert_allclose(y[:, 1], [64 / 127, -1.0], rtol=1e-6)

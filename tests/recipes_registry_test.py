@@ -8,9 +8,10 @@ from qtrain.recipes import registry
 
 
 def test_every_registered_factory_builds_a_recipe_of_its_name():
+  from qtrain.ptq import PtqRecipe
   for entry in recipes.registered():
     recipe = entry.build()
-    assert isinstance(recipe, Recipe)
+    assert isinstance(recipe, Recipe if entry.kind == 'train' else PtqRecipe), entry
     assert recipe.name == entry.name, entry
     assert set(entry.families) <= set(recipes.FAMILIES)
     assert entry.forward and entry.backward
@@ -52,3 +53,22 @@ def test_register_adds_entry_and_checks_return_type(monkeypatch):
   recipes.register('broken', forward='x', backward='y')(lambda: 3)
   with pytest.raises(TypeError, match='not a qtrain.Recipe'):
     recipes.get('broken')
+
+
+def test_post_training_and_variant_entries_are_not_trained_by_default():
+  from qtrain import compare, train
+  fq = recipes.info('fq_vit')
+  assert fq.kind == 'ptq' and not fq.variant
+  assert recipes.info('fq_vit-8-8-8').variant
+  assert recipes.info('statquant-bhq4').variant and not recipes.info('statquant').variant
+  defaults = compare._default_recipes('vit')  # pylint: disable=protected-access
+  assert 'fq_vit' not in defaults and 'statquant' in defaults
+  assert not [n for n in defaults if n.startswith('statquant-')]
+  with pytest.raises(ValueError, match='post-training'):
+    fq.check_trainable()
+  with pytest.raises(ValueError, match='post-training'):
+    train.TrainConfig(task='digits', recipe='fq_vit')
+  with pytest.raises(ValueError, match='post-training'):
+    compare.compare(task='digits', recipes=['fq_vit'], epochs=1)
+  with pytest.raises(ValueError, match='kind'):
+    recipes.register('ok', forward='x', backward='y', kind='infer')

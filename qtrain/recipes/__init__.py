@@ -10,8 +10,9 @@ for every layer and no optimizer transforms:
 | `int4`   | `presets.int4()`: INT4 SAWB fwd, LUQ bwd   | as given  | —        |
 
 The papers' recipes (`luq()`, `ultra_low()`, `wageubn()`, `unified_int8()`,
-`da_int8()`) live in one module each under `qtrain.recipes.papers` and are
-re-exported here, each with the paper's
+`da_int8()`, `statquant()`, `int4_transformer()`, and the post-training
+`fq_vit()`, a `qtrain.ptq.PtqRecipe`) live in one module each under
+`qtrain.recipes.papers` and are re-exported here, each with the paper's
 defaults (float first/last layers, optimizer transforms, schedules) and a
 docstring citing it. Start from any recipe and swap one part with
 `recipe.replace(...)`.
@@ -109,5 +110,9 @@ from qtrain.recipes.papers.ultra_low import ultra_low  # noqa: E402
 from qtrain.recipes.papers.unified_int8 import unified_int8  # noqa: E402
 from qtrain.recipes.papers.da_int8 import da_int8  # noqa: E402
 from qtrain.recipes.papers.wageubn import wageubn  # noqa: E402
+from qtrain.recipes.papers.statquant import statquant  # noqa: E402
+from qtrain.recipes.papers.int4_transformer import int4_transformer  # noqa: E402
+from qtrain.recipes.papers.fq_vit import fq_vit  # noqa: E402
 
-__all__ += ['luq', 'fnt_schedule', 'ultra_low', 'unified_int8', 'da_int8', 'wageubn']
+__all__ += ['luq', 'fnt_schedule', 'ultra_low', 'unified_int8', 'da_int8', 'wageubn',
+            'statquant', 'int4_transformer', 'fq_vit']

@@ -67,6 +67,11 @@ class RecipeInfo:
     backward: backward (gradient) formats in words.
     families: model families the method was shown on (subset of `FAMILIES`).
     reported: degradations the paper reports.
+    kind: 'train' (a `qtrain.Recipe` for training; `qtrain train` and
+      `qtrain compare` run it) or 'ptq' (a post-training `qtrain.ptq.PtqRecipe`
+      for `qtrain.ptq.calibrate`; never trained).
+    variant: a named variant of another entry (e.g. 'statquant-bhq4'):
+      `qtrain compare` runs it only when asked for by name.
   """
   name: str
   factory: Callable[[], Recipe]
@@ -75,14 +80,27 @@ class RecipeInfo:
   backward: str
   families: tuple[str, ...]
   reported: tuple[ReportedDelta, ...] = ()
+  kind: str = 'train'
+  variant: bool = False
 
   def build(self) -> Recipe:
-    """Calls the factory with its defaults; checks the name it returns."""
+    """Calls the factory with its defaults; checks the type it returns."""
     recipe = self.factory()
-    if not isinstance(recipe, Recipe):
+    if self.kind == 'train' and not isinstance(recipe, Recipe):
       raise TypeError(f'recipe {self.name!r}: factory returned {type(recipe).__name__}, '
                       'not a qtrain.Recipe.')
+    if self.kind == 'ptq' and type(recipe).__name__ != 'PtqRecipe':
+      raise TypeError(f'recipe {self.name!r}: factory returned {type(recipe).__name__}, '
+                      'not a qtrain.ptq.PtqRecipe.')
     return recipe
+
+  def check_trainable(self) -> None:
+    """Raises ValueError if this entry cannot be trained (a post-training recipe)."""
+    if self.kind != 'train':
+      raise ValueError(f'recipe {self.name!r} is a post-training ({self.kind}) recipe: it '
+                       'quantizes a trained model and is not trained; use '
+                       'qtrain.ptq.calibrate(model, batches, qtrain.recipes.get('
+                       f'{self.name!r})) (or benchmarks/fq_vit_ptq.py).')
 
 
 _REGISTRY: dict[str, RecipeInfo] = {}
@@ -90,7 +108,8 @@ _REGISTRY: dict[str, RecipeInfo] = {}
 
 def register(name: str, *, paper: str = '', forward: str, backward: str,
              families: tuple[str, ...] = ('cnn',),
-             reported: tuple[ReportedDelta, ...] = ()) -> Callable:
+             reported: tuple[ReportedDelta, ...] = (), kind: str = 'train',
+             variant: bool = False) -> Callable:
   """Decorator registering a recipe function under `name`.
 
   Args:
@@ -100,6 +119,8 @@ def register(name: str, *, paper: str = '', forward: str, backward: str,
     backward: backward formats in words.
     families: model families the paper showed the method on.
     reported: the paper's reported degradations.
+    kind: 'train' or 'ptq' (see `RecipeInfo`).
+    variant: a named variant, run by `qtrain compare` only when named.
 
   Returns:
     A decorator returning the function unchanged.
@@ -116,13 +137,18 @@ def register(name: str, *, paper: str = '', forward: str, backward: str,
   for r in reported:
     if not isinstance(r, ReportedDelta):
       raise TypeError(f'reported must hold ReportedDelta values, got {r!r}.')
+  if kind not in ('train', 'ptq'):
+    raise ValueError(f"kind={kind!r} is unknown; allowed: 'train', 'ptq'.")
+  if not isinstance(variant, bool):
+    raise TypeError(f'variant must be a bool, got {variant!r}.')
 
   def decorator(fn: Callable[[], Recipe]) -> Callable[[], Recipe]:
     if name in _REGISTRY and _REGISTRY[name].factory is not fn:
       raise ValueError(f'recipe {name!r} is registered already (by '
                        f'{_REGISTRY[name].factory.__module__}).')
     _REGISTRY[name] = RecipeInfo(name=name, factory=fn, paper=paper, forward=forward,
-                                 backward=backward, families=families, reported=tuple(reported))
+                                 backward=backward, families=families, reported=tuple(reported),
+                                 kind=kind, variant=variant)
     return fn
 
   return decorator
@@ -150,8 +176,10 @@ def info(name: str) -> RecipeInfo:
     raise ValueError(f'unknown recipe {name!r}; registered: {", ".join(_REGISTRY)}.') from None
 
 
-def get(name: str) -> Recipe:
+def get(name: str):
   """The recipe `name` with its paper's defaults (`info(name).build()`).
+
+  A 'train' entry gives a `qtrain.Recipe`, a 'ptq' entry a `qtrain.ptq.PtqRecipe`.
 
   Raises:
     ValueError: unknown name; the message lists the registered ones.
