@@ -43,6 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from qtrain import formats as fmts
 from qtrain.qarray import QArray
 from qtrain.quantize import check_float
+from pallas_kernels import _common
 from pallas_kernels import quantize as pq
 
 __all__ = ['TuningConfig', 'can_use', 'hadamard_matrix', 'hadamard_quantize', 'reference',
@@ -184,7 +185,7 @@ def _kernel_call(x2d: jax.Array, inv: jax.Array, *, g: int, bits: int, out_dtype
       out_type=(jax.ShapeDtypeStruct((m, d), out_dtype),
                 jax.ShapeDtypeStruct((d // bn, m), jnp.float32)),
       grid=(m // _ROWS, d // bn), grid_names=('m', 'n'),
-      interpret=pq._interpret_params(interpret))  # pylint: disable=protected-access
+      interpret=_common.interpret_params(interpret))
   h = jnp.asarray(hadamard_matrix(g, normalized=False), jnp.bfloat16)
   return call(x2d, h, jnp.broadcast_to(inv, (4,)))
 
@@ -319,10 +320,10 @@ def gpu_timings() -> list[dict]:
 def main(argv=None) -> None:
   """Benchmark on a Hopper GPU, or a CUDA lowering smoke test on CPU."""
   del argv
-  if not pq._is_hopper():  # pylint: disable=protected-access
+  if not _common.is_hopper():
     x = jax.ShapeDtypeStruct((8192, 4096), jnp.float32)
     for g in BLOCK_SIZES:
-      pq._lower_for_cuda(lambda x, g=g: hadamard_quantize(x, 0.1, block_size=g), x)  # pylint: disable=protected-access
+      _common.lower_for_cuda(lambda x, g=g: hadamard_quantize(x, 0.1, block_size=g), x)
       print(f'g={g}: lowers for CUDA at {x.shape}')
     return
   for row in gpu_checks() + gpu_timings():

@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -63,6 +62,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _common
 from qtrain import config as cfgs
 from qtrain import formats as fmts
 from qtrain.quantize import as_tensor_config, check_float
@@ -82,7 +82,6 @@ _TILE_ROWS = 64
 _MAX_TMA_DIM = 256
 _SMEM_BYTES = 232448
 _F32_MAX = float(np.finfo(np.float32).max)
-_H100 = 'NVIDIA H100 80GB HBM3'
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,26 +111,6 @@ class TuningConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Small private helpers shared with stochastic_quantize.py and hadamard_quantize.py.
-
-
-def _interpret_params(interpret: bool) -> Any:
-  return plgpu.InterpretGPUParams() if interpret else None
-
-
-def _lower_for_cuda(fn: Callable, *args, device_kind: str = _H100) -> Any:
-  """`jit(fn).trace(*args).lower(lowering_platforms=('cuda',))` without a GPU (gpu-kernels.md §2.1)."""
-  from jax.sharding import AbstractDevice, AbstractMesh, AxisType  # pylint: disable=g-import-not-at-top
-  dev = AbstractDevice(device_kind=device_kind, num_cores=132, platform='gpu')
-  mesh = AbstractMesh((1,), ('x',), (AxisType.Explicit,), abstract_device=dev)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',))
-
-
-def _is_hopper() -> bool:
-  if jax.default_backend() != 'gpu':
-    return False
-  cc = getattr(jax.devices()[0], 'compute_capability', '0')
-  return str(cc).split('.')[0] in ('9',)
 
 
 def _blocks(m: int, n: int, tuning: TuningConfig) -> tuple[int, int, int]:
@@ -211,7 +190,7 @@ def _map_tiles(tile_fn: Callable, x2d: jax.Array, row_vec: jax.Array, seed: jax.
   kernel.__name__ = name
   call = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
                       grid=(m // bm, n // bn), grid_names=('m', 'n'),
-                      interpret=_interpret_params(interpret))
+                      interpret=_common.interpret_params(interpret))
   args = (x2d, row_vec) if seed is None else (x2d, row_vec, seed)
   return call(*args)
 
@@ -250,7 +229,7 @@ def _absmax_kernel_call(x2d: jax.Array, tuning: TuningConfig, interpret: bool) -
 
   call = plgpu.kernel(_absmax_kernel, out_type=jax.ShapeDtypeStruct((n // bn, m), jnp.float32),
                       grid=(m // bm, n // bn), grid_names=('m', 'n'),
-                      interpret=_interpret_params(interpret))
+                      interpret=_common.interpret_params(interpret))
   return call(x2d)
 
 
@@ -450,7 +429,7 @@ def resolve(implementation: str | None, supported: bool) -> str:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'implementation={implementation!r} is unknown; allowed: {IMPLEMENTATIONS}.')
   if implementation is None:
-    return 'pallas' if supported and _is_hopper() else 'xla'
+    return 'pallas' if supported and _common.is_hopper() else 'xla'
   return implementation
 
 
@@ -546,32 +525,22 @@ def gpu_checks() -> list[dict]:
   return rows
 
 
-def _time_ms(fn: Callable, *args, iters: int = 20) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
-
-
 def _copy_ms(nbytes: int, iters: int = 20) -> float:
   """Median time of a device-to-device copy of `nbytes` (read + write = 2·nbytes moved)."""
   buf = jnp.ones((nbytes // 4,), jnp.float32)
   copy = jax.jit(lambda b: b + 0.0)  # one fused read + write, not elided
-  return _time_ms(copy, buf, iters=iters)
+  return _common.time_ms(copy, buf, iters=iters)
 
 
 def timing_row(name: str, shape, fn: Callable, x: jax.Array, moved_bytes: int,
                xla_fn: Callable | None = None) -> dict:
   """One gpu_timings row: median ms, GB/s of `moved_bytes`, ratio to a copy of as many bytes."""
-  ms = _time_ms(jax.jit(fn), x)
+  ms = _common.time_ms(jax.jit(fn), x)
   copy = _copy_ms(moved_bytes // 2)
   row = dict(name=name, shape=tuple(shape), median_ms=ms, gb_per_s=moved_bytes / ms / 1e6,
              copy_gb_per_s=moved_bytes / copy / 1e6, ratio_to_copy=copy / ms)
   if xla_fn is not None:
-    row['xla_ms'] = _time_ms(jax.jit(xla_fn), x)
+    row['xla_ms'] = _common.time_ms(jax.jit(xla_fn), x)
   return row
 
 
@@ -594,10 +563,10 @@ def gpu_timings() -> list[dict]:
 def main(argv=None) -> None:
   """Benchmark / tuning sweep (GPU), or a CUDA lowering smoke test on CPU."""
   del argv
-  if not _is_hopper():
+  if not _common.is_hopper():
     x = jax.ShapeDtypeStruct((8192, 4096), jnp.float32)
     for name, cfg, cd in _check_configs():
-      _lower_for_cuda(lambda x, c=cfg, d=cd: quantize_pallas(x, c, codes_dtype=d), x)
+      _common.lower_for_cuda(lambda x, c=cfg, d=cd: quantize_pallas(x, c, codes_dtype=d), x)
       print(f'{name}: lowers for CUDA at {x.shape}')
     return
   for row in gpu_checks():
@@ -608,7 +577,7 @@ def main(argv=None) -> None:
   for bm in (64, 128):
     for bn, tn in ((128, 128), (256, 128), (256, 256)):
       t = TuningConfig(block_rows=bm, block_cols=bn, tile_cols=tn)
-      ms = _time_ms(jax.jit(lambda x, t=t: quantize_pallas(x, fmts.INT8, tuning=t)), x)
+      ms = _common.time_ms(jax.jit(lambda x, t=t: quantize_pallas(x, fmts.INT8, tuning=t)), x)
       print(f'tuning {t}: {ms:.3f} ms')
 
 

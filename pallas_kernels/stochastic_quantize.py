@@ -50,6 +50,7 @@ from qtrain import scaling
 from qtrain.qarray import QArray
 from qtrain.quantize import as_tensor_config, check_float
 from qtrain.quantize import quantize_xla as xla_quantize
+from pallas_kernels import _common
 from pallas_kernels import quantize as pq
 
 __all__ = ['TuningConfig', 'can_use', 'quantize', 'quantize_stochastic_pallas', 'reference',
@@ -255,11 +256,11 @@ def gpu_timings() -> list[dict]:
 def main(argv=None) -> None:
   """Benchmark on a Hopper GPU, or a CUDA lowering smoke test on CPU."""
   del argv
-  if not pq._is_hopper():  # pylint: disable=protected-access
+  if not _common.is_hopper():
     x = jax.ShapeDtypeStruct((8192, 4096), jnp.float32)
     k = jax.random.key(0)
     for name, cfg, cd in _check_configs():
-      pq._lower_for_cuda(  # pylint: disable=protected-access
+      _common.lower_for_cuda(
           lambda x, c=cfg, d=cd: quantize_stochastic_pallas(x, c, k, codes_dtype=d), x)
       print(f'{name}: lowers for CUDA at {x.shape}')
     return

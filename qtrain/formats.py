@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from qtrain._validate import check_int
+
 __all__ = [
     'Format', 'IntFormat', 'FloatFormat', 'LogFormat', 'FixedPointFormat',
     'int_format', 'INT2', 'INT3', 'INT4', 'INT8', 'UINT4', 'UINT8', 'FP8_E4M3',
@@ -121,13 +123,6 @@ def _storage_dtype(fmt: Format) -> np.dtype:
   raise ValueError(f'No storage dtype holds every value of {fmt.name}.')
 
 
-def _check_int(name: str, value, lo: int, hi: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f'{name} must be an int, got {value!r}.')
-  if not lo <= value <= hi:
-    raise ValueError(f'{name}={value} is out of range; allowed: {lo}..{hi}.')
-
-
 @_dataclass
 class IntFormat(Format):
   """Integer codes of `bits` bits.
@@ -144,7 +139,7 @@ class IntFormat(Format):
   narrow: bool = False
 
   def __post_init__(self):
-    _check_int('bits', self.bits, 2, 16)
+    check_int('bits', self.bits, 2, 16)
 
   @property
   def qmin(self) -> int:
@@ -192,8 +187,8 @@ class FloatFormat(Format):
   label: str = ''
 
   def __post_init__(self):
-    _check_int('exponent_bits', self.exponent_bits, 1, 8)
-    _check_int('mantissa_bits', self.mantissa_bits, 0, 10)
+    check_int('exponent_bits', self.exponent_bits, 1, 8)
+    check_int('mantissa_bits', self.mantissa_bits, 0, 10)
 
   @property
   def exponent_bias(self) -> int:
@@ -260,8 +255,8 @@ class LogFormat(Format):
   def __post_init__(self):
     if self.radix not in (2, 4):
       raise ValueError(f'radix={self.radix!r} is not supported; allowed: 2, 4.')
-    _check_int('min_exponent', self.min_exponent, -126, 126)
-    _check_int('max_exponent', self.max_exponent, self.min_exponent, 126)
+    check_int('min_exponent', self.min_exponent, -126, 126)
+    check_int('max_exponent', self.max_exponent, self.min_exponent, 126)
 
   @property
   def bits(self) -> int:
@@ -301,8 +296,8 @@ class FixedPointFormat(Format):
   fractional_bits: int
 
   def __post_init__(self):
-    _check_int('bits', self.bits, 2, 32)
-    _check_int('fractional_bits', self.fractional_bits, -64, 64)
+    check_int('bits', self.bits, 2, 32)
+    check_int('fractional_bits', self.fractional_bits, -64, 64)
 
   @property
   def step(self) -> float:

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qtrain._validate import check_int
+
 __all__ = ['EPS', 'true_divide', 'AffineParams', 'minmax_params', 'uniform_codes',
            'uniform_quant', 'minmax_quant', 'weight_scale', 'weight_quant', 'PtfParams',
            'PtfCodes', 'ptf_params', 'ptf_codes', 'ptf', 'Log2Rounding', 'log2_codes',
@@ -56,14 +58,6 @@ _LOG2_ROUNDINGS = ('geometric', 'arithmetic')
 # I-BERT's second-order fit of exp on [-ln 2, 0]: a·(p + b/a)·p + c, as in the code.
 _EXP_COEF = (0.35815147, 0.96963238, 1.0)
 _LN2 = 0.6931  # the code's x0 = -0.6931
-
-
-def _check_int(name: str, value, lo: int, hi: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f'{name} must be an int, got {value!r}.')
-  if not lo <= value <= hi:
-    raise ValueError(f'{name}={value} is out of range; allowed: {lo}..{hi}.')
-  return int(value)
 
 
 def _check_float(x, name: str = 'x') -> jax.Array:
@@ -131,7 +125,7 @@ def minmax_params(lo, hi, *, bits: int = 8) -> AffineParams:
   Returns:
     AffineParams of lo's shape, float32.
   """
-  bits = _check_int('bits', bits, 2, 16)
+  bits = check_int('bits', bits, 2, 16)
   qmax = 2.0 ** bits - 1
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
@@ -142,7 +136,7 @@ def minmax_params(lo, hi, *, bits: int = 8) -> AffineParams:
 
 def uniform_codes(x: jax.Array, params: AffineParams, *, bits: int = 8) -> jax.Array:
   """Codes q = clamp(round(x / s) + zp, 0, 2^bits - 1), integer-valued float32 (NaN stays NaN)."""
-  bits = _check_int('bits', bits, 2, 16)
+  bits = check_int('bits', bits, 2, 16)
   x = _check_float(x).astype(jnp.float32)
   return jnp.clip(jnp.round(true_divide(x, params.scale)) + params.zero_point, 0.0,
                   2.0 ** bits - 1)
@@ -193,7 +187,7 @@ def weight_scale(w: jax.Array, *, bits: int = 8, axis: int | tuple[int, ...] = -
     float32 scale of w's rank, size 1 on the reduced axes.
   """
   w = _check_float(w, 'w')
-  bits = _check_int('bits', bits, 2, 16)
+  bits = check_int('bits', bits, 2, 16)
   if not isinstance(half_step, bool):
     raise TypeError(f'half_step must be a bool, got {half_step!r}.')
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
@@ -239,7 +233,7 @@ def weight_quant(w: jax.Array, key: jax.Array | None = None, *, bits: int = 8,
   """
   del key
   w = _check_float(w, 'w')
-  bits = _check_int('bits', bits, 2, 16)
+  bits = check_int('bits', bits, 2, 16)
   if scale is None:
     scale = weight_scale(w, bits=bits, axis=axis, half_step=half_step)
   half = 2.0 ** (bits - 1)
@@ -315,8 +309,8 @@ def ptf_params(x: jax.Array, *, bits: int = 8, k: int = 3, min_val=None, max_val
     ValueError: bits or k out of range, bad axis.
   """
   x = _check_float(x)
-  bits = _check_int('bits', bits, 2, 16)
-  k = _check_int('k', k, 0, 16)
+  bits = check_int('bits', bits, 2, 16)
+  k = check_int('k', k, 0, 16)
   axis = _norm_axis(x, axis)
   x32 = x.astype(jnp.float32)
   lo = jnp.min(x32) if min_val is None else jnp.asarray(min_val, jnp.float32)
@@ -352,7 +346,7 @@ def ptf_codes(x: jax.Array, key: jax.Array | None = None, *, bits: int = 8, k: i
   """
   del key
   x = _check_float(x)
-  bits = _check_int('bits', bits, 2, 16)
+  bits = check_int('bits', bits, 2, 16)
   axis = _norm_axis(x, axis)
   if params is None:
     params = ptf_params(x, bits=bits, k=k, axis=axis)
@@ -445,7 +439,7 @@ def log2_codes(p: jax.Array, *, bits: int = 4, rounding: Log2Rounding = 'geometr
     negative) and the bool mask of entries that dequantize to 0.
   """
   p = _check_float(p, 'p')
-  bits = _check_int('bits', bits, 1, 8)
+  bits = check_int('bits', bits, 1, 8)
   _check_rounding(rounding)
   p32 = p.astype(jnp.float32)
   v = jnp.where(p32 > 0, true_divide(1.0, jnp.where(p32 > 0, p32, 1.0)), jnp.inf)
@@ -510,7 +504,7 @@ def i_exp(x_int: jax.Array, scale, *, n: int = 30) -> tuple[jax.Array, jax.Array
     a·s²/2^n, with exp(x_int·s) ≈ e_int·e_scale (relative error of the
     polynomial below ~0.3% on the resolved range, plus the integer floors).
   """
-  n = _check_int('n', n, 1, 62)
+  n = check_int('n', n, 1, 62)
   x_int = _check_float(x_int, 'x_int').astype(jnp.float32)
   s = jnp.asarray(scale, jnp.float32)
   a, b, c = (np.float32(v) for v in _EXP_COEF)
@@ -552,7 +546,7 @@ def log_int_softmax_codes(x: jax.Array, scale, *, bits: int = 4, n: int = 30,
     (codes, zero) as `log2_codes`.
   """
   x = _check_float(x)
-  bits = _check_int('bits', bits, 1, 8)
+  bits = check_int('bits', bits, 1, 8)
   _check_rounding(rounding)
   axis = _norm_axis(x, axis)
   s = jnp.asarray(scale, jnp.float32)
@@ -610,7 +604,7 @@ def dyadic_multiplier(a: jax.Array, *, bits: int = 8) -> tuple[jax.Array, jax.Ar
   Unclamped, M ∈ [2^(bits-1), 2^bits) and a - 2^-N < M/2^N <= a: relative
   error below 2^-(bits-1).
   """
-  bits = _check_int('bits', bits, 2, 16)
+  bits = check_int('bits', bits, 2, 16)
   a = jnp.asarray(a, jnp.float32)
   n = jnp.clip(bits - 1 - jnp.floor(jnp.log2(a)), 0.0, 31.0)
   m = jnp.clip(jnp.floor(a * _pow2(n)), 0.0, 2.0 ** bits - 1)
@@ -801,7 +795,7 @@ class Omse(MinMax):
   shrink: float = 0.01
 
   def __post_init__(self):
-    _check_int('steps', self.steps, 1, 10_000)
+    check_int('steps', self.steps, 1, 10_000)
     _check_fraction('shrink', self.shrink)
     if self.shrink * (self.steps - 1) >= 1.0:
       raise ValueError(f'shrink·(steps - 1) = {self.shrink * (self.steps - 1)} must be < 1.')
@@ -819,7 +813,7 @@ class Omse(MinMax):
     last = _check_float(last, 'last').astype(jnp.float32)
     factors = 1.0 - self.shrink * jnp.arange(self.steps, dtype=jnp.float32)
     cand = minmax_params(state.lo * factors, state.hi * factors, bits=bits)
-    qmax = 2.0 ** _check_int('bits', bits, 2, 16) - 1
+    qmax = 2.0 ** check_int('bits', bits, 2, 16) - 1
 
     def mse(s, zp):
       xq = (jnp.clip(jnp.round(true_divide(last, s)) + zp, 0.0, qmax) - zp) * s

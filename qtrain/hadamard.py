@@ -48,6 +48,7 @@ import numpy as np
 
 from qtrain import formats as fmts
 from qtrain import scaling
+from qtrain._validate import check_int
 from qtrain.quantize import check_float
 
 __all__ = ['hadamard_matrix', 'block_hadamard', 'block_hadamard_traced', 'hadamard',
@@ -58,14 +59,6 @@ __all__ = ['hadamard_matrix', 'block_hadamard', 'block_hadamard_traced', 'hadama
 MAX_BLOCK = 1024
 _MAX_ORDER = 12  # hadamard_matrix: 4096 x 4096 float32 = 64 MiB, plenty for blocks <= 1024
 _INIT_EPS = 1e-10  # the official init adds it so that an all-zero tensor gets a non-zero step
-
-
-def _check_int(name: str, value, lo: int, hi: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f'{name} must be an int, got {value!r}.')
-  if not lo <= value <= hi:
-    raise ValueError(f'{name}={value} is out of range; allowed: {lo}..{hi}.')
-  return int(value)
 
 
 def _check_block(block, dim: int | None = None, what: str = 'the axis') -> int:
@@ -83,7 +76,7 @@ def _check_block(block, dim: int | None = None, what: str = 'the axis') -> int:
 
 
 def _check_bits(bits) -> int:
-  return _check_int('bits', bits, 2, 8)
+  return check_int('bits', bits, 2, 8)
 
 
 def lsq_format(bits: int = 4, *, narrow: bool = True) -> fmts.IntFormat:
@@ -113,7 +106,7 @@ def hadamard_matrix(k: int) -> np.ndarray:
   Raises:
     TypeError / ValueError: k not an int in 0..12.
   """
-  k = _check_int('k', k, 0, _MAX_ORDER)
+  k = check_int('k', k, 0, _MAX_ORDER)
   n = 1 << k
   i = np.arange(n, dtype=np.uint32)
   and_bits = i[:, None] & i[None, :]
@@ -283,7 +276,7 @@ def block_candidates(dim: int, max_block: int = MAX_BLOCK) -> tuple[int, ...]:
   Returns:
     A non-empty tuple of consecutive powers of two starting at 1.
   """
-  dim = _check_int('dim', dim, 1, 2**31 - 1)
+  dim = check_int('dim', dim, 1, 2**31 - 1)
   max_block = _check_block(max_block)
   out, g = [], 1
   while g <= max_block and dim % g == 0:

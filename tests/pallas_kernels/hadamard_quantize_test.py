@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _common
 from pallas_kernels import hadamard_quantize as hq
 
 _T = hq.TuningConfig(block_cols=128)  # (128, 256): a 2 x 2 grid
@@ -78,7 +79,7 @@ def test_nan_policy():
 @pytest.mark.parametrize('g', [32, 128])
 def test_lowers_for_cuda_at_benchmark_shape(g):
   x = jax.ShapeDtypeStruct((8192, 4096), jnp.float32)
-  lowered = hq.pq._lower_for_cuda(lambda x: hq.hadamard_quantize(x, 0.1, block_size=g), x)
+  lowered = _common.lower_for_cuda(lambda x: hq.hadamard_quantize(x, 0.1, block_size=g), x)
   assert 'mosaic_gpu' in lowered.as_text()
 
 

@@ -20,6 +20,7 @@ from qtrain import config as cfgs
 from qtrain import formats as fmts
 from qtrain import scaling
 from qtrain.quantize import quantize as xla_quantize
+from pallas_kernels import _common
 from pallas_kernels import quantize as pq
 
 # (128, 256) with 64 x 128 CTA blocks and 64-column register tiles: a 2 x 2 grid, 2 tiles each.
@@ -131,14 +132,14 @@ def test_dispatch():
 def test_lowers_for_cuda_at_benchmark_shape(name):
   cfg, _, _, cd = _CASES[name]
   x = jax.ShapeDtypeStruct((8192, 4096), jnp.float32)
-  lowered = pq._lower_for_cuda(lambda x: pq.quantize_pallas(x, cfg, codes_dtype=cd), x)
+  lowered = _common.lower_for_cuda(lambda x: pq.quantize_pallas(x, cfg, codes_dtype=cd), x)
   assert 'mosaic_gpu' in lowered.as_text()
 
 
 def test_row_config_lowers_for_cuda():
   cfg = cfgs.TensorConfig(format=fmts.INT8, granularity=_ROW)
   x = jax.ShapeDtypeStruct((8192, 4096), jnp.bfloat16)
-  pq._lower_for_cuda(lambda x: pq.quantize_pallas(x, cfg), x)
+  _common.lower_for_cuda(lambda x: pq.quantize_pallas(x, cfg), x)
 
 
 _BAD = {

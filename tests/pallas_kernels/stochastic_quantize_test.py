@@ -19,6 +19,7 @@ from qtrain import formats as fmts
 from qtrain import numerics
 from qtrain import prng
 from qtrain import scaling
+from pallas_kernels import _common
 from pallas_kernels import stochastic_quantize as sq
 
 _T = sq.TuningConfig(block_rows=64, block_cols=128, tile_cols=64)  # 2 x 2 grid at (128, 256)
@@ -101,7 +102,7 @@ def test_lowers_for_cuda_at_benchmark_shape(name):
   cfg, _, cd = _CASES[name]
   key = jax.random.key(0)
   x = jax.ShapeDtypeStruct((8192, 4096), jnp.float32)
-  lowered = sq.pq._lower_for_cuda(
+  lowered = _common.lower_for_cuda(
       lambda x: sq.quantize_stochastic_pallas(x, cfg, key, codes_dtype=cd), x)
   assert 'mosaic_gpu' in lowered.as_text()
 
