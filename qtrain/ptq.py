@@ -63,6 +63,7 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from qtrain import fq_vit
+from qtrain._validate import check_int
 
 __all__ = ['PtqRecipe', 'PtqParam', 'PtqReport', 'PtqResult', 'calibrate', 'PtqDotGeneral',
            'PtqAttention', 'PtqLayerNorm']
@@ -118,7 +119,7 @@ class PtqRecipe:
       raise ValueError(f'name must be a non-empty str, got {self.name!r}.')
     for field, lo, hi in (('weight_bits', 2, 8), ('act_bits', 2, 8), ('attn_bits', 2, 8),
                           ('ptf_k', 0, 7), ('lis_n', 1, 30)):
-      fq_vit._check_int(field, getattr(self, field), lo, hi)  # pylint: disable=protected-access
+      check_int(field, getattr(self, field), lo, hi)
     if not isinstance(self.observer, fq_vit.MinMax):
       raise TypeError(f'observer must be one of {tuple(fq_vit.OBSERVERS)} as an object '
                       f'(e.g. qtrain.fq_vit.Omse()), got {self.observer!r}.')
